@@ -1,0 +1,16 @@
+//! Types and codecs shared by the gateway and the persister.
+//!
+//! This crate is the only code the two binaries have in common. It owns the
+//! client contract's event types (`protocol`), their wire encodings (`codec`),
+//! the ids and the private-chat id rule (`ids`), the durable queue's job format
+//! and Redis key names (`queue`), and the typed environment readers (`config`).
+//!
+//! It must never import anything else of ours, open a socket or spawn a task:
+//! it is plain data and pure functions, so both binaries (and the fuzzers and
+//! property tests) can use it without dragging in a runtime.
+
+pub mod codec;
+pub mod config;
+pub mod ids;
+pub mod protocol;
+pub mod queue;
