@@ -1,1 +1,34 @@
-fn main() {}
+//! `gateway`: reads its configuration, starts, prints where it listens, and
+//! serves until SIGTERM or SIGINT.
+
+use anyhow::Context;
+use gateway::config::Config;
+use gateway::{telemetry, App};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_env().context("configuration")?;
+    telemetry::init(config.log_json, &config.node_id);
+    let app = App::build(config).await.context("start")?;
+    let addr = app.local_addr().context("local address")?;
+    // Tests and scripts read this line to learn the port.
+    println!("listening on {addr}");
+    app.run(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -98,8 +98,7 @@ mod tests {
     #[test]
     fn a_json_send_decodes_with_its_ref() {
         let chat = Uuid::now_v7();
-        let frame =
-            format!(r#"{{"type":"send","chat":"{chat}","body":"hi","ref":"r1","extra":1}}"#);
+        let frame = format!(r#"{{"type":"send","chat":"{chat}","body":"hi","ref":"r1","extra":1}}"#);
         let decoded = decode_client(frame.as_bytes(), Encoding::Json).unwrap();
         assert_eq!(decoded.reference.as_deref(), Some("r1"));
         assert_eq!(
@@ -117,11 +116,7 @@ mod tests {
     fn an_unknown_type_is_an_error_that_keeps_the_ref() {
         let err = decode_client(br#"{"type":"dance","ref":"r9"}"#, Encoding::Json).unwrap_err();
         assert_eq!(err.reference.as_deref(), Some("r9"));
-        assert!(
-            err.message.contains("unknown event type"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("unknown event type"), "{}", err.message);
     }
 
     #[test]
@@ -146,21 +141,13 @@ mod tests {
         let generic: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
         assert!(generic["id"].is_string(), "{generic}");
         assert_eq!(generic["type"], "message");
-        assert_eq!(
-            decode::<ServerEvent>(&bytes, Encoding::MsgPack).unwrap(),
-            msg
-        );
+        assert_eq!(decode::<ServerEvent>(&bytes, Encoding::MsgPack).unwrap(), msg);
     }
 
     #[test]
     fn errors_serialize_with_contract_codes() {
-        let e = ServerEvent::error(
-            ErrorCode::TooLarge,
-            "body over 4096 bytes",
-            Some("x".into()),
-        );
-        let json: serde_json::Value =
-            serde_json::from_slice(&encode(&e, Encoding::Json).unwrap()).unwrap();
+        let e = ServerEvent::error(ErrorCode::TooLarge, "body over 4096 bytes", Some("x".into()));
+        let json: serde_json::Value = serde_json::from_slice(&encode(&e, Encoding::Json).unwrap()).unwrap();
         assert_eq!(json["type"], "error");
         assert_eq!(json["code"], "too_large");
         assert_eq!(json["ref"], "x");

@@ -121,16 +121,9 @@ mod tests {
     fn a_bad_value_names_the_variable() {
         let mut env = HashMap::new();
         env.insert("GATEWAY_SHARDS".to_string(), "many".to_string());
-        let err = or::<usize>(&env, "GATEWAY_SHARDS", 4)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("GATEWAY_SHARDS=\"many\" is invalid"),
-            "{err}"
-        );
-        let err = required::<String>(&env, "CHAT_JWT_SECRET")
-            .unwrap_err()
-            .to_string();
+        let err = or::<usize>(&env, "GATEWAY_SHARDS", 4).unwrap_err().to_string();
+        assert!(err.starts_with("GATEWAY_SHARDS=\"many\" is invalid"), "{err}");
+        let err = required::<String>(&env, "CHAT_JWT_SECRET").unwrap_err().to_string();
         assert_eq!(err, "CHAT_JWT_SECRET is required but not set");
         assert_eq!(or(&env, "MISSING", 7u32).unwrap(), 7);
     }

@@ -279,9 +279,6 @@ mod tests {
     fn an_unknown_version_is_refused_by_name() {
         let mut fields = HashMap::new();
         fields.insert("v".to_string(), b"9".to_vec());
-        assert_eq!(
-            Job::from_fields(&fields),
-            Err(JobError::Version("9".into()))
-        );
+        assert_eq!(Job::from_fields(&fields), Err(JobError::Version("9".into())));
     }
 }

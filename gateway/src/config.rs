@@ -1,0 +1,182 @@
+//! The gateway's configuration: one typed struct, read once at start.
+//!
+//! Every setting comes from an environment variable (table in README.md). A
+//! bad value stops the process at start with a message naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shared::config::{self, check, or, required, ConfigError, Secret, Source};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `GATEWAY_LISTEN`: where HTTP and WebSocket clients connect.
+    pub listen: SocketAddr,
+    /// `GATEWAY_NODE_ID`: this node's name in logs and metrics.
+    pub node_id: String,
+    /// `CHAT_JWT_SECRET`: the HS256 key of client tokens.
+    pub jwt_secret: Secret,
+    /// `REDIS_URL`: pub/sub, the queue stream and chat state.
+    pub redis_url: String,
+    /// `DATABASE_URL`: PostgreSQL, read for history.
+    pub database_url: String,
+    /// `GATEWAY_SHARDS`: hub shards (default: the number of cores).
+    pub shards: usize,
+    /// `GATEWAY_REDIS_CONNECTIONS`: multiplexed connections for commands.
+    pub redis_connections: usize,
+    /// `GATEWAY_REDIS_TIMEOUT_MS`: a Redis call slower than this fails the
+    /// event with `unavailable` (the client retries with the same `id`).
+    pub redis_timeout: Duration,
+    /// `GATEWAY_DB_POOL`: PostgreSQL connections for history.
+    pub db_pool: usize,
+    /// `CHAT_MAX_BODY_BYTES`: the largest `body` accepted (`too_large` above).
+    pub max_body_bytes: usize,
+    /// `GATEWAY_MAX_FRAME_BYTES`: the largest frame read (close 1009 above).
+    pub max_frame_bytes: usize,
+    /// `GATEWAY_OUTBOUND_QUEUE`: frames queued for one slow reader before it
+    /// is closed with 1008.
+    pub outbound_queue: usize,
+    /// `CHAT_IDEMPOTENCY_TTL_SECS`: how long a message `id` is remembered in
+    /// Redis for resends (PostgreSQL's primary key dedupes after that).
+    pub idempotency_ttl_secs: u64,
+    /// `CHAT_SEQ_RESTART_GAP`: how far a chat's seq jumps after a Redis
+    /// restart (docs/architecture.md, Ordering).
+    pub seq_restart_gap: u64,
+    /// `CHAT_TYPING_INTERVAL_MS`: at most one typing event per sender and
+    /// target in this interval.
+    pub typing_interval_ms: u64,
+    /// `GATEWAY_DRAIN_SECS`: the grace period of a shutdown.
+    pub drain: Duration,
+    /// `LOG_FORMAT`: `text` or `json`.
+    pub log_json: bool,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_source(&config::Env)
+    }
+
+    pub fn from_source(src: &dyn Source) -> Result<Config, ConfigError> {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let jwt_secret: Secret = required(src, "CHAT_JWT_SECRET")?;
+        if jwt_secret.expose().len() < 16 {
+            return Err(ConfigError::Invalid {
+                name: "CHAT_JWT_SECRET",
+                value: "***".into(),
+                reason: "must be at least 16 bytes".into(),
+            });
+        }
+        let log_format: String = or(src, "LOG_FORMAT", "text".to_string())?;
+        let log_format = check("LOG_FORMAT", log_format, |f| f == "text" || f == "json", "text or json")?;
+        Ok(Config {
+            listen: or(src, "GATEWAY_LISTEN", "0.0.0.0:8080".parse().expect("valid literal"))?,
+            node_id: or(src, "GATEWAY_NODE_ID", default_node_id())?,
+            jwt_secret,
+            redis_url: or(src, "REDIS_URL", "redis://127.0.0.1:6379".to_string())?,
+            database_url: or(
+                src,
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/chat".to_string(),
+            )?,
+            shards: check(
+                "GATEWAY_SHARDS",
+                or(src, "GATEWAY_SHARDS", cores)?,
+                |n| (1..=1024).contains(n),
+                "1..=1024",
+            )?,
+            redis_connections: check(
+                "GATEWAY_REDIS_CONNECTIONS",
+                or(src, "GATEWAY_REDIS_CONNECTIONS", cores.clamp(2, 8))?,
+                |n| (1..=64).contains(n),
+                "1..=64",
+            )?,
+            redis_timeout: Duration::from_millis(check(
+                "GATEWAY_REDIS_TIMEOUT_MS",
+                or(src, "GATEWAY_REDIS_TIMEOUT_MS", 2000u64)?,
+                |n| *n >= 10,
+                "at least 10",
+            )?),
+            db_pool: check(
+                "GATEWAY_DB_POOL",
+                or(src, "GATEWAY_DB_POOL", 8usize)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?,
+            max_body_bytes: check(
+                "CHAT_MAX_BODY_BYTES",
+                or(src, "CHAT_MAX_BODY_BYTES", 4096usize)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?,
+            max_frame_bytes: check(
+                "GATEWAY_MAX_FRAME_BYTES",
+                or(src, "GATEWAY_MAX_FRAME_BYTES", 65536usize)?,
+                |n| *n >= 1024,
+                "at least 1024",
+            )?,
+            outbound_queue: check(
+                "GATEWAY_OUTBOUND_QUEUE",
+                or(src, "GATEWAY_OUTBOUND_QUEUE", 1024usize)?,
+                |n| *n >= 8,
+                "at least 8",
+            )?,
+            idempotency_ttl_secs: check(
+                "CHAT_IDEMPOTENCY_TTL_SECS",
+                or(src, "CHAT_IDEMPOTENCY_TTL_SECS", 86_400u64)?,
+                |n| *n >= 60,
+                "at least 60",
+            )?,
+            seq_restart_gap: check(
+                "CHAT_SEQ_RESTART_GAP",
+                or(src, "CHAT_SEQ_RESTART_GAP", 1_000_000u64)?,
+                |n| *n >= 1000,
+                "at least 1000",
+            )?,
+            typing_interval_ms: check(
+                "CHAT_TYPING_INTERVAL_MS",
+                or(src, "CHAT_TYPING_INTERVAL_MS", 1000u64)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?,
+            drain: Duration::from_secs(or(src, "GATEWAY_DRAIN_SECS", 10u64)?),
+            log_json: log_format == "json",
+        })
+    }
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    let host = if host.is_empty() { "gateway" } else { host };
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_need_only_the_secret() {
+        let c = Config::from_source(&env(&[("CHAT_JWT_SECRET", "0123456789abcdef")])).unwrap();
+        assert_eq!(c.max_body_bytes, 4096);
+        assert!(c.shards >= 1);
+    }
+
+    #[test]
+    fn a_bad_value_stops_start_naming_the_variable() {
+        let err = Config::from_source(&env(&[
+            ("CHAT_JWT_SECRET", "0123456789abcdef"),
+            ("GATEWAY_SHARDS", "0"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("GATEWAY_SHARDS=\"0\" is invalid"), "{err}");
+        let err = Config::from_source(&env(&[])).unwrap_err().to_string();
+        assert!(err.contains("CHAT_JWT_SECRET"), "{err}");
+    }
+}

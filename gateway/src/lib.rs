@@ -1,0 +1,175 @@
+//! The chat gateway: WebSocket and HTTP front of the chat service.
+//!
+//! The path of one message through a gateway, by module:
+//! `ws` (the client's session) → `queue` (accepted into the Redis Stream and
+//! published, one Lua script) → `bus` (Redis pub/sub to every node with
+//! interest) → `hub` (the shards that own local connections) → `ws` (written
+//! to each recipient). The persister, a separate process, stores the queue in
+//! PostgreSQL; `history` reads it back for the REST API.
+//!
+//! `App::build` binds and wires everything; `App::run` serves until the
+//! shutdown token fires, then drains.
+
+pub mod auth;
+pub mod bus;
+pub mod chats;
+pub mod config;
+pub mod history;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod queue;
+pub mod redis_pool;
+pub mod telemetry;
+pub mod typing;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::bus::Origin;
+use crate::chats::Chats;
+use crate::config::Config;
+use crate::history::History;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::queue::{Queue, QueueSettings};
+use crate::redis_pool::RedisPool;
+use crate::typing::Typing;
+
+/// Everything a request or a session needs, shared by all of them.
+pub struct Services {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub hub: Hub,
+    pub queue: Queue,
+    pub chats: Chats,
+    pub typing: Typing,
+    pub history: History,
+    pub redis: RedisPool,
+    pub origin: Origin,
+    pub metrics: Metrics,
+    pub next_conn: AtomicU64,
+    /// Fires when the node starts draining.
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot reach redis at start: {0}")]
+    Redis(#[from] redis_pool::RedisError),
+    #[error("bad DATABASE_URL: {0}")]
+    Database(String),
+}
+
+pub struct App {
+    listener: TcpListener,
+    services: Arc<Services>,
+}
+
+impl App {
+    /// Connects to Redis, prepares the PostgreSQL pool, starts the hub and
+    /// the bus, and binds the listener.
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let metrics = Metrics::install(&config.node_id);
+        let redis = RedisPool::connect(&config.redis_url, config.redis_connections, config.redis_timeout).await?;
+        let pool = pg_pool(&config)?;
+        let shutdown = CancellationToken::new();
+        let origin = Origin::new();
+
+        let mut interest_tx = Vec::with_capacity(config.shards);
+        let mut interest_rx = Vec::with_capacity(config.shards);
+        for _ in 0..config.shards {
+            let (tx, rx) = mpsc::channel(1024);
+            interest_tx.push(tx);
+            interest_rx.push(rx);
+        }
+        let hub = Hub::start(interest_tx, 4096);
+        for (shard, rx) in interest_rx.into_iter().enumerate() {
+            bus::subscriber::spawn(
+                redis.client().clone(),
+                shard,
+                hub.clone(),
+                origin.clone(),
+                rx,
+                shutdown.clone(),
+            );
+        }
+
+        let services = Arc::new(Services {
+            verifier: Verifier::new(config.jwt_secret.expose()),
+            queue: Queue::new(
+                redis.clone(),
+                QueueSettings {
+                    idempotency_ttl_secs: config.idempotency_ttl_secs,
+                    seq_restart_gap: config.seq_restart_gap,
+                },
+            ),
+            chats: Chats::new(redis.clone()),
+            typing: Typing::new(redis.clone(), config.typing_interval_ms),
+            history: History::new(pool),
+            hub,
+            redis,
+            origin,
+            metrics,
+            next_conn: AtomicU64::new(1),
+            shutdown,
+            config,
+        });
+        let addr = services.config.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        Ok(App { listener, services })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` resolves, then drains: `/readyz` turns 503, new
+    /// connections are refused, sessions finish their current event and close
+    /// with 1001, and the server stops within the grace period.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()> + Send + 'static) {
+        let services = self.services.clone();
+        let grace = services.config.drain;
+        let shutdown = services.shutdown.clone();
+        let routes = http::routes(services.clone());
+        let drained = shutdown.clone();
+        let server = warp::serve(routes).incoming(self.listener).graceful(async move {
+            drained.cancelled().await;
+        });
+        let server = tokio::spawn(server.run());
+        stop.await;
+        tracing::info!("draining");
+        shutdown.cancel();
+        // Sessions see the token and close with 1001; give them the grace period.
+        let _ = tokio::time::timeout(grace, server).await;
+    }
+}
+
+fn pg_pool(config: &Config) -> Result<Pool, StartError> {
+    let pg = tokio_postgres::Config::from_str(&config.database_url).map_err(|e| StartError::Database(e.to_string()))?;
+    let manager = Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.db_pool)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| StartError::Database(e.to_string()))
+}

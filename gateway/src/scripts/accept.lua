@@ -1,0 +1,75 @@
+-- Accept one message: the single atomic step that makes a `send` durable.
+--
+-- In one script, so no other command interleaves: check the idempotency
+-- record, check access, assign the chat's next seq, append the job to the
+-- durable queue, record the idempotency key, and publish for delivery. The
+-- stream order and the publication order of a chat are therefore its seq
+-- order, whichever gateway ran the script.
+--
+-- KEYS: 1 msg:{id}  2 chat:{chat}:meta  3 chat:{chat}:members  4 chat:{chat}:seq
+--       5 the queue stream  6 user:{from}:dms  7 user:{to}:dms
+-- ARGV: 1 id  2 chat  3 from  4 to ('' for a group send)  5 body
+--       6 idempotency ttl (s)  7 seq gap after a Redis restart  8 origin
+--       9 'dm' or 'group'
+-- Returns {'ok', chat, seq, ts, to} | {'dup', chat, seq, ts, to}
+--       | {'conflict'} | {'not_found'} | {'forbidden'}
+local id, chat, from, to, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+
+local prev = redis.call('HMGET', KEYS[1], 'from', 'chat', 'seq', 'ts', 'to')
+if prev[1] then
+  if prev[1] ~= from then return {'conflict'} end
+  return {'dup', prev[2], prev[3], prev[4], prev[5] or ''}
+end
+
+local now = redis.call('TIME')
+local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+
+if ARGV[9] == 'group' then
+  local meta = redis.call('HMGET', KEYS[2], 'kind', 'a', 'b')
+  if not meta[1] then return {'not_found'} end
+  if meta[1] == 'dm' then
+    -- A private chat addressed by its id: the recipient is the other side.
+    if from == meta[2] then to = meta[3]
+    elseif from == meta[3] then to = meta[2]
+    else return {'forbidden'} end
+  elseif redis.call('SISMEMBER', KEYS[3], from) == 0 then
+    return {'forbidden'}
+  end
+elseif redis.call('EXISTS', KEYS[2]) == 0 then
+  -- The first message of a private chat brings the chat into being.
+  redis.call('HSET', KEYS[2], 'kind', 'dm', 'a', from, 'b', to,
+    'title', '', 'visibility', 'private', 'created_by', from, 'created_at', ts)
+  redis.call('SADD', KEYS[6], chat)
+  redis.call('SADD', KEYS[7], chat)
+  redis.call('XADD', KEYS[5], '*', 'v', '1', 'kind', 'chat', 'chat', chat,
+    'chat_kind', 'dm', 'title', '', 'visibility', 'private',
+    'created_by', from, 'ts', ts)
+end
+
+-- The chat's counter is tagged with the run id of the Redis server that last
+-- advanced it. A different run id means Redis restarted since, and may have
+-- lost its last writes (AOF everysec), including increments whose messages a
+-- persister already stored: jump ahead by a gap larger than any number of
+-- messages one chat can receive in the loss window, so no seq is reused.
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local counter = redis.call('HMGET', KEYS[4], 'n', 'rid')
+local seq = tonumber(counter[1]) or 0
+if counter[1] and counter[2] ~= run_id then
+  seq = seq + tonumber(ARGV[7])
+end
+seq = seq + 1
+redis.call('HSET', KEYS[4], 'n', seq, 'rid', run_id)
+
+redis.call('XADD', KEYS[5], '*', 'v', '1', 'kind', 'message', 'id', id,
+  'chat', chat, 'seq', seq, 'from', from, 'to', to, 'body', body, 'ts', ts)
+redis.call('HSET', KEYS[1], 'from', from, 'chat', chat, 'seq', seq, 'ts', ts, 'to', to)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+
+local envelope = cmsgpack.pack({'m', ARGV[8], chat, from, to, id, seq, body, ts})
+if to == '' then
+  redis.call('PUBLISH', 'c:' .. chat, envelope)
+else
+  redis.call('PUBLISH', 'u:' .. to, envelope)
+  if to ~= from then redis.call('PUBLISH', 'u:' .. from, envelope) end
+end
+return {'ok', chat, seq, ts, to}

@@ -1,0 +1,52 @@
+-- Change one membership of a group: join, add, leave or remove.
+--
+-- KEYS: 1 chat:{chat}:meta  2 chat:{chat}:members  3 user:{user}:chats
+--       4 the queue stream
+-- ARGV: 1 chat  2 user (whose membership changes)  3 actor (who asks)
+--       4 action: 'join' | 'add' | 'leave'  5 origin
+-- Returns {'ok'} | {'already'} | {'not_found'} | {'forbidden'}
+--
+-- join: the actor is the user; public chats only (private: forbidden).
+-- add: the actor must be a member; any visibility.
+-- leave: the user stops being a member (the gateway checks actor == user).
+local chat, user, actor, action = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local meta = redis.call('HMGET', KEYS[1], 'kind', 'visibility')
+if not meta[1] then return {'not_found'} end
+if meta[1] ~= 'group' then return {'forbidden'} end
+local is_member = redis.call('SISMEMBER', KEYS[2], user) == 1
+
+local active
+if action == 'leave' then
+  if not is_member then return {'forbidden'} end
+  active = '0'
+else
+  if action == 'join' then
+    if meta[2] ~= 'public' and not is_member then return {'forbidden'} end
+  elseif redis.call('SISMEMBER', KEYS[2], actor) == 0 then
+    return {'forbidden'}
+  end
+  if is_member then return {'already'} end
+  active = '1'
+end
+
+if active == '1' then
+  redis.call('SADD', KEYS[2], user)
+  redis.call('SADD', KEYS[3], chat)
+else
+  redis.call('SREM', KEYS[2], user)
+  redis.call('SREM', KEYS[3], chat)
+end
+local version = redis.call('HINCRBY', KEYS[1], 'mver', 1)
+local now = redis.call('TIME')
+local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XADD', KEYS[4], '*', 'v', '1', 'kind', 'member', 'chat', chat,
+  'user', user, 'active', active, 'version', version, 'ts', ts)
+
+-- The chat's channel tells the other members (and, for a leave, makes every
+-- node drop the user's connections from the chat before any later message);
+-- the user's channel tells all of the user's devices, wherever they are.
+local kind = (active == '1') and 'j' or 'l'
+local envelope = cmsgpack.pack({kind, ARGV[5], chat, user, '', '', 0, '', ts})
+redis.call('PUBLISH', 'c:' .. chat, envelope)
+redis.call('PUBLISH', 'u:' .. user, envelope)
+return {'ok'}

@@ -1,0 +1,165 @@
+//! One handler per client event type; each returns the direct reply, if any.
+//!
+//! `send` → the queue (ack or error); `typing` → the typing relay; `join` /
+//! `leave` → chat membership (the `joined` / `left` events come back over the
+//! bus); `ping` → `pong`; `auth` → a fresh token for the same user.
+
+use std::time::Instant;
+
+use shared::ids::{new_id, ChatId};
+use shared::protocol::{ClientEvent, ClientFrame, ErrorCode, ServerEvent, Target};
+
+use super::session::{expiry_instant, Session};
+use crate::chats::Change;
+
+impl Session {
+    pub(super) async fn handle(&mut self, frame: ClientFrame) -> Option<ServerEvent> {
+        let reference = frame.reference;
+        let result = match frame.event {
+            ClientEvent::Send { to, chat, body, id } => self.on_send(to, chat, body, id, &reference).await,
+            ClientEvent::Typing { to, chat } => self.on_typing(to, chat).await,
+            ClientEvent::Join { chat } => self.on_join(chat).await,
+            ClientEvent::Leave { chat } => self.on_leave(chat).await,
+            ClientEvent::Ping => Ok(Some(ServerEvent::Pong {
+                reference: reference.clone(),
+            })),
+            ClientEvent::Auth { token } => self.on_auth(&token, &reference),
+        };
+        match result {
+            Ok(reply) => reply,
+            Err((code, message)) => Some(ServerEvent::error(code, message, reference)),
+        }
+    }
+
+    fn origin(&self) -> String {
+        self.svc.origin.of(self.conn.id)
+    }
+
+    async fn on_send(
+        &mut self,
+        to: Option<uuid::Uuid>,
+        chat: Option<ChatId>,
+        body: String,
+        id: Option<uuid::Uuid>,
+        reference: &Option<String>,
+    ) -> Reply {
+        let target = Target::from_fields(to, chat).ok_or((ErrorCode::BadRequest, EXACTLY_ONE.to_string()))?;
+        let limit = self.svc.config.max_body_bytes;
+        if body.len() > limit {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("body is {} bytes; the limit is {limit}", body.len()),
+            ));
+        }
+        let started = Instant::now();
+        let id = id.unwrap_or_else(new_id);
+        let accepted = self
+            .svc
+            .queue
+            .accept(self.identity.user, target, id, &body, &self.origin())
+            .await
+            .map_err(|e| {
+                if e.code() == ErrorCode::Unavailable {
+                    tracing::warn!(error = %e, "send refused: queue unavailable");
+                }
+                (e.code(), e.to_string())
+            })?;
+        metrics::histogram!("gateway_send_ack_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Some(ServerEvent::Ack {
+            reference: reference.clone(),
+            id: accepted.id,
+            chat: accepted.chat,
+            seq: accepted.seq,
+            ts: accepted.ts,
+        }))
+    }
+
+    async fn on_typing(&mut self, to: Option<uuid::Uuid>, chat: Option<ChatId>) -> Reply {
+        let target = Target::from_fields(to, chat).ok_or((ErrorCode::BadRequest, EXACTLY_ONE.to_string()))?;
+        self.svc
+            .typing
+            .relay(self.identity.user, target, &self.origin())
+            .await
+            .map_err(|e| (e.code(), e.to_string()))?;
+        Ok(None)
+    }
+
+    async fn on_join(&mut self, chat: ChatId) -> Reply {
+        // Receive the chat before joining it, so no message published after
+        // the join is missed by this connection.
+        let newly_attached = !self.chats.contains(&chat);
+        if newly_attached {
+            self.svc
+                .hub
+                .attach_chat(chat, self.conn.clone())
+                .await
+                .map_err(|_| (ErrorCode::Unavailable, "cluster bus unavailable".to_string()))?;
+            self.chats.insert(chat);
+        }
+        match self
+            .svc
+            .chats
+            .add(chat, self.identity.user, self.identity.user, &self.origin())
+            .await
+        {
+            // `joined` reaches every member, this connection included, over the bus.
+            Ok(Change::Done) => Ok(None),
+            Ok(Change::Already) => Ok(Some(ServerEvent::Joined {
+                chat,
+                user: self.identity.user,
+            })),
+            Err(e) => {
+                if newly_attached {
+                    self.chats.remove(&chat);
+                    self.svc.hub.detach_chat(chat, self.conn.id).await;
+                }
+                Err((e.code(), e.to_string()))
+            }
+        }
+    }
+
+    async fn on_leave(&mut self, chat: ChatId) -> Reply {
+        // `left` comes back over the bus, and with it the detach.
+        self.svc
+            .chats
+            .leave(chat, self.identity.user, &self.origin())
+            .await
+            .map_err(|e| (e.code(), e.to_string()))?;
+        Ok(None)
+    }
+
+    fn on_auth(&mut self, token: &str, reference: &Option<String>) -> Reply {
+        let fresh = self
+            .svc
+            .verifier
+            .verify(token)
+            .map_err(|e| (ErrorCode::Forbidden, e.to_string()))?;
+        if fresh.user != self.identity.user {
+            return Err((ErrorCode::Forbidden, "token is for another user".to_string()));
+        }
+        self.identity.exp = fresh.exp;
+        self.expires = expiry_instant(fresh.exp);
+        Ok(Some(ServerEvent::Authed {
+            reference: reference.clone(),
+            exp: fresh.exp,
+        }))
+    }
+
+    /// The user joined `chat` (on any device): receive it here too.
+    pub(super) async fn joined_elsewhere(&mut self, chat: ChatId) {
+        if self.chats.insert(chat) && self.svc.hub.attach_chat(chat, self.conn.clone()).await.is_err() {
+            tracing::warn!(%chat, "could not subscribe to a joined chat; history has its messages");
+        }
+    }
+
+    /// The user left `chat`: stop receiving it.
+    pub(super) async fn left_elsewhere(&mut self, chat: ChatId) {
+        if self.chats.remove(&chat) {
+            self.svc.hub.detach_chat(chat, self.conn.id).await;
+        }
+    }
+}
+
+type Reply = Result<Option<ServerEvent>, (ErrorCode, String)>;
+
+const EXACTLY_ONE: &str = "give exactly one of `to` (a user id) and `chat` (a chat id)";

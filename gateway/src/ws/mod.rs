@@ -1,0 +1,62 @@
+//! WebSocket sessions: `GET /v1/ws`, one task per connection.
+//!
+//! `open` runs before the HTTP upgrade completes: it registers the
+//! connection in the hub and waits until the node receives the user's
+//! channel and the channels of the user's groups, so nothing sent to the
+//! user after the handshake is missed. `session` then owns the socket: it
+//! reads frames, hands each event to its handler in `events`, and writes
+//! what the hub queues for it.
+
+mod events;
+mod session;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Identity;
+use crate::hub::{encode_encoding, Conn};
+use crate::Services;
+pub use session::Session;
+use shared::codec::Encoding;
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("node is draining")]
+    Draining,
+    #[error("redis unavailable")]
+    Unavailable,
+}
+
+/// Registers a new connection of `identity` and returns its session, ready
+/// to run on the upgraded socket.
+pub async fn open(svc: Arc<Services>, identity: Identity) -> Result<Session, OpenError> {
+    if svc.shutdown.is_cancelled() {
+        return Err(OpenError::Draining);
+    }
+    let id = svc.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(svc.config.outbound_queue);
+    let encoding = Arc::new(AtomicU8::new(encode_encoding(Encoding::Json)));
+    let conn = Conn::new(id, identity.user, tx, encoding.clone(), CancellationToken::new());
+    let groups = svc
+        .chats
+        .groups_of(identity.user)
+        .await
+        .map_err(|_| OpenError::Unavailable)?;
+    // From here on the session's Drop undoes the registrations.
+    let mut session = Session::new(svc.clone(), identity, conn.clone(), rx, encoding);
+    svc.hub
+        .attach_user(conn.clone())
+        .await
+        .map_err(|_| OpenError::Unavailable)?;
+    let attached = join_all(groups.iter().map(|chat| svc.hub.attach_chat(*chat, conn.clone()))).await;
+    for (chat, result) in groups.into_iter().zip(attached) {
+        session.track_chat(chat);
+        result.map_err(|_| OpenError::Unavailable)?;
+    }
+    Ok(session)
+}

@@ -1,0 +1,221 @@
+//! One client connection: reads frames, runs handlers, writes queued frames.
+//!
+//! The session owns the socket and its state (encoding, token expiry, the
+//! chats it receives). It closes the socket with the contract's codes: 1009
+//! for an oversize frame, 1008 when its outgoing queue overflowed, 4001 when
+//! its token expired, 1001 when the node shuts down. Dropping a session
+//! removes its connection from the hub.
+
+use std::collections::HashSet;
+use std::error::Error as _;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use shared::codec::{decode_client, Encoding};
+use shared::ids::ChatId;
+use shared::protocol::{close, ErrorCode, ServerEvent};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite;
+use warp::ws::{Message as WsMessage, WebSocket};
+
+use crate::auth::Identity;
+use crate::hub::{encode_encoding, Conn, Frame, Outbound};
+use crate::Services;
+
+/// Frames written per flush when the queue has a backlog.
+const WRITE_BATCH: usize = 64;
+
+pub struct Session {
+    pub(super) svc: Arc<Services>,
+    pub(super) identity: Identity,
+    pub(super) conn: Conn,
+    rx: mpsc::Receiver<Outbound>,
+    encoding: Arc<AtomicU8>,
+    /// Set by the first frame the client sends.
+    chosen: Option<Encoding>,
+    /// Chats this connection is attached to in the hub.
+    pub(super) chats: HashSet<ChatId>,
+    /// When the current token expires.
+    pub(super) expires: Instant,
+}
+
+enum Flow {
+    Continue,
+    Close(u16, &'static str),
+    Gone,
+}
+
+type Sink = SplitSink<WebSocket, WsMessage>;
+
+impl Session {
+    pub(super) fn new(
+        svc: Arc<Services>,
+        identity: Identity,
+        conn: Conn,
+        rx: mpsc::Receiver<Outbound>,
+        encoding: Arc<AtomicU8>,
+    ) -> Session {
+        let expires = expiry_instant(identity.exp);
+        Session {
+            svc,
+            identity,
+            conn,
+            rx,
+            encoding,
+            chosen: None,
+            chats: HashSet::new(),
+            expires,
+        }
+    }
+
+    pub(super) fn track_chat(&mut self, chat: ChatId) {
+        self.chats.insert(chat);
+    }
+
+    /// Serves the upgraded socket until either side ends it.
+    pub async fn run(mut self, socket: WebSocket) {
+        metrics::gauge!("gateway_connections").increment(1.0);
+        let (mut sink, mut stream) = socket.split();
+        let shutdown = self.svc.shutdown.clone();
+        let overflow = self.conn.overflow_token();
+        let flow = loop {
+            let expiry = tokio::time::sleep_until(self.expires);
+            let flow = tokio::select! {
+                biased;
+                _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
+                _ = shutdown.cancelled() => Flow::Close(close::GOING_AWAY, "node shutting down"),
+                _ = expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
+                out = self.rx.recv() => match out {
+                    Some(first) => self.write_queued(first, &mut sink).await,
+                    None => Flow::Gone,
+                },
+                frame = stream.next() => match frame {
+                    None => Flow::Gone,
+                    Some(Err(e)) if is_too_big(&e) => Flow::Close(close::TOO_BIG, "frame too large"),
+                    Some(Err(_)) => Flow::Gone,
+                    Some(Ok(msg)) => self.on_frame(msg, &mut sink).await,
+                },
+            };
+            if !matches!(flow, Flow::Continue) {
+                break flow;
+            }
+        };
+        if let Flow::Close(code, reason) = flow {
+            metrics::counter!("gateway_closes_total", "code" => code.to_string()).increment(1);
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = sink.send(WsMessage::close_with(code, reason)).await;
+                let _ = sink.close().await;
+            })
+            .await;
+        }
+        metrics::gauge!("gateway_connections").decrement(1.0);
+    }
+
+    async fn on_frame(&mut self, msg: WsMessage, sink: &mut Sink) -> Flow {
+        let encoding = if msg.is_text() {
+            Encoding::Json
+        } else if msg.is_binary() {
+            Encoding::MsgPack
+        } else if msg.is_close() {
+            return Flow::Gone;
+        } else {
+            return Flow::Continue; // ping/pong: tungstenite answers pings itself
+        };
+        if self.chosen.is_none() {
+            self.chosen = Some(encoding);
+            self.encoding.store(encode_encoding(encoding), Ordering::Relaxed);
+        }
+        let reply = match decode_client(msg.as_bytes(), encoding) {
+            Ok(frame) => {
+                metrics::counter!("gateway_events_in_total", "type" => frame.event.kind()).increment(1);
+                self.handle(frame).await
+            }
+            Err(e) => Some(ServerEvent::error(ErrorCode::BadRequest, e.message, e.reference)),
+        };
+        match reply {
+            Some(event) => self.write_event(&event, sink).await,
+            None => Flow::Continue,
+        }
+    }
+
+    /// Writes a reply in the connection's encoding.
+    async fn write_event(&mut self, event: &ServerEvent, sink: &mut Sink) -> Flow {
+        if let ServerEvent::Error { code, .. } = event {
+            metrics::counter!("gateway_errors_total", "code" => code.as_str()).increment(1);
+        }
+        let frame = Frame::encode(event, self.encoding());
+        match sink.send(frame.into_message()).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Gone,
+        }
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch), then flushes.
+    async fn write_queued(&mut self, first: Outbound, sink: &mut Sink) -> Flow {
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(item) = next.take() {
+            match item {
+                Outbound::Frame(frame) => {
+                    if sink.feed(frame.into_message()).await.is_err() {
+                        return Flow::Gone;
+                    }
+                    written += 1;
+                }
+                Outbound::Joined(chat) => self.joined_elsewhere(chat).await,
+                Outbound::Left(chat) => self.left_elsewhere(chat).await,
+            }
+            if written < WRITE_BATCH {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        metrics::counter!("gateway_frames_out_total").increment(written as u64);
+        match sink.flush().await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Gone,
+        }
+    }
+
+    pub(super) fn encoding(&self) -> Encoding {
+        self.chosen.unwrap_or(Encoding::Json)
+    }
+
+    pub(super) fn now_secs() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let hub = self.svc.hub.clone();
+        let (user, conn) = (self.identity.user, self.conn.id);
+        let chats: Vec<ChatId> = self.chats.drain().collect();
+        tokio::spawn(async move {
+            hub.detach_user(user, conn).await;
+            for chat in chats {
+                hub.detach_chat(chat, conn).await;
+            }
+        });
+    }
+}
+
+/// The tokio instant at which a token with expiry `exp` (epoch seconds) expires.
+pub(super) fn expiry_instant(exp: i64) -> Instant {
+    let left = exp.saturating_sub(Session::now_secs()).max(0) as u64;
+    Instant::now() + Duration::from_secs(left)
+}
+
+/// Whether a read failed because the frame was over the size limit.
+fn is_too_big(e: &warp::Error) -> bool {
+    matches!(
+        e.source().and_then(|s| s.downcast_ref::<tungstenite::Error>()),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
