@@ -1,0 +1,112 @@
+//! The harness itself works: Redis, PostgreSQL, and a whole stack start,
+//! answer, stop and come back as the fault tests expect.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{self, process, Postgres, Redis, Stack, StackOptions, DEFAULT_TIMEOUT};
+
+#[tokio::test]
+async fn redis_answers_ping_and_keeps_data_across_a_restart_under_aof() {
+    let mut redis = Redis::start_with(true).await;
+    assert!(redis.ping().await);
+    let mut conn = redis.connection().await;
+    let _: () = ::redis::cmd("SET")
+        .arg("k")
+        .arg("kept")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    redis.stop().await;
+    assert!(!redis.ping().await, "redis still answers after stop()");
+    redis.restart().await;
+
+    let mut conn = redis.connection().await;
+    let value: Option<String> = ::redis::cmd("GET").arg("k").query_async(&mut conn).await.unwrap();
+    assert_eq!(value.as_deref(), Some("kept"));
+}
+
+#[tokio::test]
+async fn redis_without_aof_starts_empty_after_a_restart() {
+    let mut redis = Redis::start().await;
+    let mut conn = redis.connection().await;
+    let _: () = ::redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let port = redis.port();
+    redis.restart().await;
+    assert_eq!(redis.port(), port);
+    let mut conn = redis.connection().await;
+    let value: Option<String> = ::redis::cmd("GET").arg("k").query_async(&mut conn).await.unwrap();
+    assert_eq!(value, None);
+}
+
+async fn has_messages_table(url: &str) -> bool {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT to_regclass('public.messages') IS NOT NULL", &[])
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test]
+async fn each_test_gets_its_own_migrated_database() {
+    let pg = tokio::task::spawn_blocking(Postgres::shared).await.unwrap();
+    let (a, b) = tokio::join!(pg.create_database(), pg.create_database());
+    assert_ne!(a.name, b.name);
+    assert!(!has_messages_table(&a.url).await);
+    process::migrate(&a.url).await;
+    assert!(has_messages_table(&a.url).await);
+    assert!(!has_messages_table(&b.url).await, "databases are not separate");
+}
+
+#[tokio::test]
+async fn a_dedicated_cluster_stops_and_starts_again() {
+    let pg = Postgres::dedicated().await;
+    let db = pg.create_database().await;
+    process::migrate(&db.url).await;
+    pg.stop().await;
+    assert!(
+        tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.is_err(),
+        "PostgreSQL still accepts connections after stop()"
+    );
+    pg.start().await;
+    assert!(has_messages_table(&db.url).await);
+}
+
+#[tokio::test]
+async fn a_stack_starts_and_serves_a_message_end_to_end() {
+    let stack = Stack::start(StackOptions {
+        gateways: 2,
+        persister: true,
+        redis_aof: false,
+        env: vec![],
+    })
+    .await;
+    let (status, _) = stack.http(0).get_text("/healthz").await;
+    assert_eq!(status, 200);
+
+    let (alice, bob) = (harness::user(), harness::user());
+    assert_eq!(stack.try_connect_raw(0, None).await.err(), Some(401));
+    let mut a = stack.connect(0, alice).await;
+    let mut b = stack.connect(1, bob).await;
+    a.ping().await;
+    b.ping().await;
+
+    let ack = a.send_message_to(bob, "hello").await;
+    let message = b.expect("message", DEFAULT_TIMEOUT).await;
+    assert_eq!(message["id"], ack["id"]);
+    assert_eq!(message["body"], json!("hello"));
+
+    let chat = harness::private_chat(alice, bob);
+    assert_eq!(ack["chat"], json!(chat.to_string()));
+    let history = stack.wait_for_history(bob, chat, 1, Duration::from_secs(10)).await;
+    assert_eq!(history[0]["id"], ack["id"]);
+}
