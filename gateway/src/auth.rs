@@ -61,15 +61,18 @@ impl Verifier {
     }
 }
 
-/// The token of a request: `Authorization: Bearer` first, then `?token=`.
+/// The token of a request: `Authorization: Bearer` first, then `?token=`
+/// (browsers cannot set headers on a WebSocket handshake). A non-Bearer
+/// `Authorization` header (say, a proxy's Basic auth) does not hide the query.
 pub fn token_from(header: Option<&str>, query_token: Option<&str>) -> Result<String, AuthError> {
-    if let Some(h) = header {
-        return h
-            .strip_prefix("Bearer ")
-            .map(|t| t.trim().to_string())
-            .ok_or_else(|| AuthError::Invalid("Authorization must be `Bearer <token>`".into()));
+    if let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) {
+        return Ok(token.trim().to_string());
     }
-    query_token.map(str::to_string).ok_or(AuthError::Missing)
+    match (query_token, header) {
+        (Some(token), _) => Ok(token.to_string()),
+        (None, Some(_)) => Err(AuthError::Invalid("Authorization must be `Bearer <token>`".into())),
+        (None, None) => Err(AuthError::Missing),
+    }
 }
 
 #[cfg(test)]
