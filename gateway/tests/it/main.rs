@@ -3,3 +3,10 @@
 
 mod harness;
 mod harness_smoke;
+
+mod auth;
+mod bad_input;
+mod group;
+mod idempotency;
+mod ordering;
+mod private;

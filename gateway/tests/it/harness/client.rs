@@ -175,6 +175,40 @@ impl Client {
         }
     }
 
+    /// The next `n` events of type `ty`, in arrival order (others are
+    /// skipped as by `expect`); each may take up to `timeout`.
+    pub async fn expect_n(&mut self, ty: &str, n: usize, timeout: Duration) -> Vec<Value> {
+        let mut events = Vec::with_capacity(n);
+        while events.len() < n {
+            events.push(self.expect(ty, timeout).await);
+        }
+        events
+    }
+
+    /// The next frame exactly as the server sent it (text, binary or close;
+    /// the socket's pings and pongs are skipped), for tests of the wire
+    /// encoding. Fails if decoded events are waiting to be read (they came
+    /// first), or if no frame arrives within `timeout`.
+    pub async fn next_frame(&mut self, timeout: Duration) -> Message {
+        assert!(
+            self.pending.is_empty() && self.closed.is_none(),
+            "{}: next_frame with events already read: {:?} {:?}",
+            self.who(),
+            self.pending,
+            self.closed
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline.into(), self.ws.next()).await {
+                Err(_) => panic!("{}: no frame within {timeout:?}", self.who()),
+                Ok(None) => panic!("{}: the connection ended awaiting a frame", self.who()),
+                Ok(Some(Err(e))) => panic!("{}: reading a frame: {e}", self.who()),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(frame))) => return frame,
+            }
+        }
+    }
+
     /// Fails if an event of type `ty` arrives within `duration`. Other
     /// events are kept for later reads.
     pub async fn expect_none(&mut self, ty: &str, duration: Duration) {

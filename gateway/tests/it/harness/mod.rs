@@ -219,6 +219,11 @@ impl Stack {
         mint_token(&self.secret, user, now_secs() + secs)
     }
 
+    /// A token with exactly `claims`, signed with the stack's secret.
+    pub fn token_with_claims(&self, claims: Value) -> String {
+        mint_claims(&self.secret, &claims)
+    }
+
     /// A token for `user` signed with another secret (must be refused).
     pub fn token_signed_with(&self, user: Uuid, secret: &str) -> String {
         mint_token(secret, user, now_secs() + 3600)
@@ -321,13 +326,36 @@ impl Drop for Stack {
 
 /// Signs `{sub, exp, iat}` with HS256.
 pub fn mint_token(secret: &str, user: Uuid, exp: i64) -> String {
-    let claims = json!({ "sub": user.to_string(), "exp": exp, "iat": now_secs() });
+    mint_claims(
+        secret,
+        &json!({ "sub": user.to_string(), "exp": exp, "iat": now_secs() }),
+    )
+}
+
+/// Signs any claims with HS256, for tokens the gateway must refuse (a `sub`
+/// that is not a UUID, a missing `exp`, ...).
+pub fn mint_claims(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
+        claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("signing a token")
+}
+
+/// The id in `value`, which must be a UUID in canonical lowercase text (the
+/// contract's form of every id); fails naming `what` otherwise.
+pub fn canonical_uuid(value: &Value, what: &str) -> Uuid {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what} is not a string: {value}"));
+    let id = Uuid::parse_str(text).unwrap_or_else(|e| panic!("{what} is not a UUID ({e}): {value}"));
+    assert_eq!(
+        id.to_string(),
+        text,
+        "{what} is not in canonical lowercase form"
+    );
+    id
 }
 
 pub fn now_secs() -> i64 {

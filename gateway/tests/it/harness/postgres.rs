@@ -10,8 +10,10 @@
 //! The server refuses to run as root, so as root every PostgreSQL binary
 //! runs through `runuser -u postgres --`, in a directory under /tmp that
 //! belongs to postgres (the repository may sit where postgres cannot enter).
-//! Durability is off (`fsync`, `synchronous_commit`, `full_page_writes`):
-//! these clusters never outlive a test run.
+//! `fsync` and `full_page_writes` are off: they only matter when the
+//! machine crashes, and these clusters never outlive a test run. The shared
+//! cluster also has `synchronous_commit=off`; a dedicated one keeps it on,
+//! since its tests kill the server and must not lose committed rows.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -143,15 +145,15 @@ impl Postgres {
 
     /// Starts the server again on the same port, after `stop()`.
     pub async fn start(&self) {
-        let (port, dir) = (self.port, self.dir.path().to_path_buf());
-        tokio::task::spawn_blocking(move || start_cluster(port, &dir))
+        let (port, dir, durable) = (self.port, self.dir.path().to_path_buf(), !self.shared);
+        tokio::task::spawn_blocking(move || start_cluster(port, &dir, durable))
             .await
             .expect("starting PostgreSQL")
             .unwrap_or_else(|e| panic!("restarting PostgreSQL on port {port}: {e}"));
     }
 
     fn start_blocking(&self) -> Result<(), String> {
-        start_cluster(self.port, self.dir.path())
+        start_cluster(self.port, self.dir.path(), !self.shared)
     }
 }
 
@@ -171,11 +173,16 @@ extern "C" fn stop_shared_cluster_at_exit() {
     }
 }
 
-fn start_cluster(port: u16, dir: &Path) -> Result<(), String> {
+/// Starts the cluster in `dir`/data. With `durable_commits`, a commit is in
+/// the WAL (the OS's cache: fsync stays off) before it is acknowledged, so
+/// killing the server loses nothing committed.
+fn start_cluster(port: u16, dir: &Path, durable_commits: bool) -> Result<(), String> {
     let data = dir.join("data");
+    let synchronous_commit = if durable_commits { "on" } else { "off" };
     let options = format!(
         "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-         -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+         -c synchronous_commit={synchronous_commit} -c full_page_writes=off \
+         -c max_connections=300",
         data.display()
     );
     run(as_postgres("pg_ctl", dir)

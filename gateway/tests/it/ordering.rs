@@ -1,0 +1,203 @@
+//! Ordering (contract: Ordering and delivery): concurrent senders on two
+//! gateways, one chat; every member sees one order with consecutive `seq`,
+//! and history returns exactly that order.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::harness::{self, Api, Client, Stack, StackOptions};
+
+/// Messages each of the two senders sends.
+const PER_SENDER: usize = 1000;
+/// Sends a sender has in flight (sent, not yet acked).
+const WINDOW: usize = 64;
+/// Any single wait for the next event.
+const STEP: Duration = Duration::from_secs(20);
+
+/// Sends `PER_SENDER` messages to `chat`, keeping up to `WINDOW` unacked,
+/// while reading what arrives; then reads until the other sender's
+/// `PER_SENDER` messages are in. Returns the client, the acks by ref, and
+/// the messages received, in arrival order.
+async fn pipelined_sender(mut client: Client, chat: Uuid, tag: &'static str) -> (Client, HashMap<String, Value>, Vec<Value>) {
+    let mut acks = HashMap::new();
+    let mut messages = Vec::new();
+    let mut sent = 0;
+    while acks.len() < PER_SENDER || messages.len() < PER_SENDER {
+        if sent < PER_SENDER && sent - acks.len() < WINDOW {
+            let reference = format!("{tag}-{sent}");
+            let body = format!("{tag} {sent}");
+            client
+                .send_json(json!({ "type": "send", "chat": chat.to_string(), "body": body, "ref": reference }))
+                .await;
+            sent += 1;
+            continue;
+        }
+        let event = client.next_event(STEP).await;
+        match event["type"].as_str() {
+            Some("ack") => {
+                let reference = event["ref"].as_str().expect("ack.ref").to_string();
+                assert!(acks.insert(reference, event.clone()).is_none(), "a second ack: {event}");
+            }
+            Some("message") => messages.push(event),
+            _ => panic!("{tag}: unexpected {event}"),
+        }
+    }
+    (client, acks, messages)
+}
+
+/// Reads `n` messages.
+async fn receiver(mut client: Client, n: usize) -> Vec<Value> {
+    client.expect_n("message", n, STEP).await
+}
+
+/// Walks `chat`'s history back from the latest message, 500 at a time.
+async fn history_backwards(api: &Api, user: Uuid, chat: Uuid) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    let mut query = "limit=500".to_string();
+    loop {
+        let (status, body) = api.history(user, chat, &query).await;
+        assert_eq!(status, 200, "history?{query}: {body}");
+        let page = body["messages"].as_array().expect("messages").clone();
+        assert!(page.len() <= 500, "more than `limit` messages");
+        if page.is_empty() {
+            return all;
+        }
+        query = format!("before={}&limit=500", page[0]["id"].as_str().expect("id"));
+        all.splice(0..0, page);
+    }
+}
+
+/// Walks `chat`'s history forward from the message `first`, 500 at a time.
+async fn history_forwards(api: &Api, user: Uuid, chat: Uuid, first: &Value) -> Vec<Value> {
+    let mut all = vec![first.clone()];
+    loop {
+        let last = all.last().expect("one message")["id"].as_str().expect("id").to_string();
+        let query = format!("after={last}&limit=500");
+        let (status, body) = api.history(user, chat, &query).await;
+        assert_eq!(status, 200, "history?{query}: {body}");
+        let page = body["messages"].as_array().expect("messages").clone();
+        assert!(page.len() <= 500, "more than `limit` messages");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+fn ids(messages: &[Value]) -> Vec<&str> {
+    messages.iter().map(|m| m["id"].as_str().expect("id")).collect()
+}
+
+/// Fails, showing the first difference, unless `got` and `expected` hold
+/// the same messages (by id) in the same order.
+fn assert_same_order(who: &str, got: &[Value], expected: &[Value]) {
+    let (got_ids, expected_ids) = (ids(got), ids(expected));
+    if let Some(i) = (0..got_ids.len().min(expected_ids.len())).find(|&i| got_ids[i] != expected_ids[i]) {
+        panic!("{who}: message {i} is {}, expected {}", got[i], expected[i]);
+    }
+    assert_eq!(got_ids.len(), expected_ids.len(), "{who}: not as many messages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_on_two_gateways_give_every_member_and_history_one_order() {
+    let stack = Stack::start(StackOptions {
+        gateways: 2,
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob, carol, dave) = (harness::user(), harness::user(), harness::user(), harness::user());
+    let (status, created) = stack.http(0).create_chat(alice, "busy", "public", &[bob, carol, dave]).await;
+    assert_eq!(status, 201, "{created}");
+    let chat: Uuid = created["id"].as_str().expect("id").parse().expect("uuid");
+
+    // Senders: Alice on gateway 0, Bob on gateway 1. Receivers: each
+    // sender's other device on the other gateway, Carol and Dave.
+    let alice_sending = stack.connect(0, alice).await;
+    let bob_sending = stack.connect(1, bob).await;
+    let readers = vec![
+        ("Alice's other device", stack.connect(1, alice).await),
+        ("Bob's other device", stack.connect(0, bob).await),
+        ("Carol", stack.connect(0, carol).await),
+        ("Dave", stack.connect(1, dave).await),
+    ];
+    let total = 2 * PER_SENDER;
+    let readers: Vec<_> = readers
+        .into_iter()
+        .map(|(who, client)| (who, tokio::spawn(receiver(client, total))))
+        .collect();
+    let alice_task = tokio::spawn(pipelined_sender(alice_sending, chat, "alice"));
+    let bob_task = tokio::spawn(pipelined_sender(bob_sending, chat, "bob"));
+    let (_alice_client, alice_acks, alice_saw) = alice_task.await.expect("Alice's task");
+    let (_bob_client, bob_acks, bob_saw) = bob_task.await.expect("Bob's task");
+
+    // The order: what Carol saw. Seq increases by one, every acked message
+    // is in it once, with the seq and ts of its ack.
+    let mut seen = Vec::new();
+    for (who, reader) in readers {
+        seen.push((who, reader.await.expect("a reader's task")));
+    }
+    let order = seen[2].1.clone();
+    let seqs: Vec<i64> = order.iter().map(|m| m["seq"].as_i64().expect("seq")).collect();
+    if let Some(w) = seqs.windows(2).find(|w| w[1] != w[0] + 1) {
+        panic!("seq does not increase by one: {} then {}", w[0], w[1]);
+    }
+    let acks: HashMap<&str, &Value> = alice_acks
+        .values()
+        .chain(bob_acks.values())
+        .map(|ack| (ack["id"].as_str().expect("ack.id"), ack))
+        .collect();
+    assert_eq!(acks.len(), total, "acks with distinct ids");
+    let distinct: HashSet<&str> = ids(&order).into_iter().collect();
+    assert_eq!(distinct.len(), total, "every message once");
+    for message in &order {
+        let ack = acks
+            .get(message["id"].as_str().expect("id"))
+            .unwrap_or_else(|| panic!("a message no one was acked for: {message}"));
+        assert_eq!((&message["seq"], &message["ts"]), (&ack["seq"], &ack["ts"]), "{message} vs {ack}");
+    }
+
+    // (The test's premise: the two senders really sent at once.)
+    let switches = order.windows(2).filter(|w| w[0]["from"] != w[1]["from"]).count();
+    assert!(switches > 1, "the senders did not overlap; switches: {switches}");
+    // Every member saw that order; each sender saw the other's messages in it.
+    for (who, messages) in &seen {
+        assert_same_order(who, messages, &order);
+    }
+    for (who, sender, saw) in [("Alice", alice, &alice_saw), ("Bob", bob, &bob_saw)] {
+        let others: Vec<Value> = order
+            .iter()
+            .filter(|m| m["from"] != json!(sender.to_string()))
+            .cloned()
+            .collect();
+        assert_same_order(&format!("{who}'s sending connection"), saw, &others);
+    }
+
+    // History, once all 2,000 are stored, holds exactly that order, walked
+    // back from the latest and forward from the first.
+    let api = stack.http(1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let backwards = loop {
+        let history = history_backwards(&api, dave, chat).await;
+        if history.len() >= total || Instant::now() >= deadline {
+            break history;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(backwards.len(), total, "history holds {} of {total} messages", backwards.len());
+    assert_same_order("history walked back", &backwards, &order);
+    for (stored, live) in backwards.iter().zip(&order) {
+        assert_eq!(stored, &without_type(live), "history shows a message otherwise than live");
+    }
+    let forwards = history_forwards(&api, dave, chat, &backwards[0]).await;
+    assert_same_order("history walked forward", &forwards, &order);
+}
+
+/// A `message` event as history shows it: the same fields but `type`.
+fn without_type(message: &Value) -> Value {
+    let mut message = message.clone();
+    message.as_object_mut().expect("an object").remove("type");
+    message
+}
