@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{self, process, Postgres, Redis, Stack, StackOptions, DEFAULT_TIMEOUT};
+use crate::harness::client::ConnectError;
+use crate::harness::{self, process, Client, Postgres, Redis, Stack, StackOptions, DEFAULT_TIMEOUT};
 
 #[tokio::test]
 async fn redis_answers_ping_and_keeps_data_across_a_restart_under_aof() {
@@ -109,4 +110,40 @@ async fn a_stack_starts_and_serves_a_message_end_to_end() {
     assert_eq!(ack["chat"], json!(chat.to_string()));
     let history = stack.wait_for_history(bob, chat, 1, Duration::from_secs(10)).await;
     assert_eq!(history[0]["id"], ack["id"]);
+}
+
+#[tokio::test]
+async fn processes_stop_on_sigterm_or_sigkill_and_are_replaced() {
+    let mut stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: true,
+        redis_aof: false,
+        env: vec![],
+    })
+    .await;
+    let user = harness::user();
+    let mut client = stack.connect(0, user).await;
+    client.ping().await;
+
+    let status = stack.gateways[0].terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "gateway exited with {status}");
+    let closed = client.expect("__close", DEFAULT_TIMEOUT).await;
+    assert!(closed["code"].is_u64(), "{closed}");
+    assert!(!stack.gateways[0].is_running());
+
+    stack.restart_gateway(0).await;
+    assert_eq!(stack.gateways[0].name, "gw2");
+    let mut client = stack.connect(0, user).await;
+    client.ping().await;
+
+    let persister = stack.persister.as_mut().unwrap();
+    let status = persister.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "persister exited with {status}");
+    stack.start_persister().await;
+    assert_eq!(stack.persister.as_ref().unwrap().name, "p2");
+
+    stack.gateways[0].kill().await;
+    assert!(stack.gateways[0].try_exit().is_some());
+    let refused = Client::connect(&stack.gateways[0].ws_url(), None, false).await;
+    assert!(matches!(refused, Err(ConnectError::Transport(_))));
 }

@@ -230,6 +230,35 @@ impl Client {
         self.pending.extend(kept);
     }
 
+    /// Waits for the first event that `matches`, keeping the others for
+    /// later reads; fails after `timeout` (or when the connection ends)
+    /// saying it waited for `what`.
+    pub async fn wait_for(&mut self, what: &str, timeout: Duration, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut kept: Vec<Value> = Vec::new();
+        let mut found = None;
+        if let Some(i) = self.pending.iter().position(&matches) {
+            found = self.pending.remove(i);
+        }
+        while found.is_none() {
+            let Some(event) = self.read(deadline).await else {
+                panic!("{}: no {what} within {timeout:?}; saw {}", self.who(), describe(&kept));
+            };
+            if matches(&event) {
+                found = Some(event);
+            } else if event["type"] == "__close" {
+                panic!(
+                    "{}: the connection ended ({event}) while waiting for {what}",
+                    self.who()
+                );
+            } else {
+                kept.push(event);
+            }
+        }
+        self.pending.extend(kept);
+        found.expect("set above")
+    }
+
     /// Sends `event` with a fresh `ref` (unless it has one) and returns the
     /// reply that echoes it (`ack`, `pong`, `authed` or `error`). Other
     /// events arriving meanwhile are kept for later reads.
@@ -288,6 +317,43 @@ impl Client {
         let reply = self.request(event.clone()).await;
         assert_eq!(reply["type"], "ack", "{}: {event} answered with {reply}", self.who());
         reply
+    }
+
+    /// `join`; returns the `joined` event for this chat (or the `error`).
+    pub async fn join(&mut self, chat: Uuid) -> Value {
+        self.membership("join", "joined", chat).await
+    }
+
+    /// `leave`; returns the `left` event for this chat (or the `error`).
+    pub async fn leave(&mut self, chat: Uuid) -> Value {
+        self.membership("leave", "left", chat).await
+    }
+
+    async fn membership(&mut self, ty: &str, reply: &str, chat: Uuid) -> Value {
+        self.next_ref += 1;
+        let reference = json!(format!("r{}", self.next_ref));
+        let chat = json!(chat.to_string());
+        let user = json!(self.user.map(|u| u.to_string()));
+        self.send_json(json!({ "type": ty, "chat": chat, "ref": reference }))
+            .await;
+        let what = format!("`{reply}` for chat {chat}");
+        self.wait_for(&what, DEFAULT_TIMEOUT, |e| {
+            (e["type"] == reply && e["chat"] == chat && (user.is_null() || e["user"] == user))
+                || (e["type"] == "error" && e["ref"] == reference)
+        })
+        .await
+    }
+
+    /// `typing` to a user.
+    pub async fn typing_to(&mut self, user: Uuid) {
+        self.send_json(json!({ "type": "typing", "to": user.to_string() }))
+            .await;
+    }
+
+    /// `typing` in a group chat.
+    pub async fn typing_in(&mut self, chat: Uuid) {
+        self.send_json(json!({ "type": "typing", "chat": chat.to_string() }))
+            .await;
     }
 
     /// Replaces the connection's token (`auth`); returns the reply.

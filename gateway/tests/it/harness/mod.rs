@@ -350,11 +350,7 @@ pub fn canonical_uuid(value: &Value, what: &str) -> Uuid {
         .as_str()
         .unwrap_or_else(|| panic!("{what} is not a string: {value}"));
     let id = Uuid::parse_str(text).unwrap_or_else(|e| panic!("{what} is not a UUID ({e}): {value}"));
-    assert_eq!(
-        id.to_string(),
-        text,
-        "{what} is not in canonical lowercase form"
-    );
+    assert_eq!(id.to_string(), text, "{what} is not in canonical lowercase form");
     id
 }
 

@@ -338,7 +338,7 @@ async fn pump(
 }
 
 /// What every child gets besides the env it is given: PATH, backtraces,
-/// and `RUST_LOG` (`warn`, or the filter in `TEST_LOG`).
+/// no colours, and `RUST_LOG` (`warn`, or the filter in `TEST_LOG`).
 fn base_env() -> Vec<(String, String)> {
     vec![
         (
@@ -346,6 +346,8 @@ fn base_env() -> Vec<(String, String)> {
             std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
         ),
         ("RUST_BACKTRACE".to_string(), "1".to_string()),
+        // Output goes to a pipe and a buffer, not a terminal.
+        ("NO_COLOR".to_string(), "1".to_string()),
         ("RUST_LOG".to_string(), test_log().unwrap_or_else(|| "warn".to_string())),
     ]
 }
