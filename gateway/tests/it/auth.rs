@@ -43,11 +43,7 @@ fn bad_tokens(stack: &Stack) -> Vec<(&'static str, String)> {
 async fn a_websocket_without_a_valid_token_gets_401_and_no_upgrade() {
     let stack = Stack::start(one_gateway()).await;
 
-    assert_eq!(
-        stack.try_connect_raw(0, None).await.err(),
-        Some(401),
-        "no token at all"
-    );
+    assert_eq!(stack.try_connect_raw(0, None).await.err(), Some(401), "no token at all");
     for (what, token) in bad_tokens(&stack) {
         assert_eq!(
             stack.try_connect_raw(0, Some(&token)).await.err(),
@@ -94,11 +90,7 @@ async fn the_rest_api_answers_401_without_a_valid_token() {
             format!("/v1/chats/{chat}/members"),
             Some(json!({ "user": other.to_string() })),
         ),
-        (
-            Method::DELETE,
-            format!("/v1/chats/{chat}/members/{owner}"),
-            None,
-        ),
+        (Method::DELETE, format!("/v1/chats/{chat}/members/{owner}"), None),
         (Method::GET, format!("/v1/chats/{chat}/messages"), None),
     ];
     let mut tokens: Vec<(&str, Option<String>)> = vec![("no token", None)];
@@ -106,16 +98,12 @@ async fn the_rest_api_answers_401_without_a_valid_token() {
 
     for (method, path, body) in &endpoints {
         for (what, token) in &tokens {
-            let (status, answer) = api
-                .request(method.clone(), path, token.as_deref(), body.clone())
-                .await;
+            let (status, answer) = api.request(method.clone(), path, token.as_deref(), body.clone()).await;
             assert_eq!(status, 401, "{method} {path} with {what} (header): {answer}");
             if let Some(token) = token {
                 let sep = if path.contains('?') { '&' } else { '?' };
                 let with_query = format!("{path}{sep}token={token}");
-                let (status, answer) = api
-                    .request(method.clone(), &with_query, None, body.clone())
-                    .await;
+                let (status, answer) = api.request(method.clone(), &with_query, None, body.clone()).await;
                 assert_eq!(status, 401, "{method} {path} with {what} (query): {answer}");
             }
         }
@@ -126,18 +114,12 @@ async fn the_rest_api_answers_401_without_a_valid_token() {
     let (status, chats) = api.list_chats(owner).await;
     assert_eq!(status, 200, "{chats}");
     assert!(
-        chats
-            .as_array()
-            .expect("a list")
-            .iter()
-            .any(|c| c["id"] == json!(chat)),
+        chats.as_array().expect("a list").iter().any(|c| c["id"] == json!(chat)),
         "a refused DELETE removed the owner: {chats}"
     );
     let (status, _) = api.list_chats(other).await;
     assert_eq!(status, 200);
-    let (status, answer) = api
-        .history(other, chat.parse().expect("uuid"), "")
-        .await;
+    let (status, answer) = api.history(other, chat.parse().expect("uuid"), "").await;
     assert_eq!(status, 403, "a refused POST added a member: {answer}");
 
     // A valid token in the query works for REST too.

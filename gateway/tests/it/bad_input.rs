@@ -50,11 +50,31 @@ async fn each_malformed_event_gets_bad_request_and_the_connection_stays_usable()
         ("not JSON at all", "hello".to_string(), None),
         ("a JSON array", "[1,2,3]".to_string(), None),
         ("no type", json!({ "ref": "r1", "body": "x" }).to_string(), Some("r1")),
-        ("a type that is not a string", json!({ "type": 7, "ref": "r2" }).to_string(), Some("r2")),
-        ("an unknown type", json!({ "type": "dance", "ref": "r3" }).to_string(), Some("r3")),
-        ("send without body", json!({ "type": "send", "to": to, "ref": "r4" }).to_string(), Some("r4")),
-        ("join without chat", json!({ "type": "join", "ref": "r5" }).to_string(), Some("r5")),
-        ("auth without token", json!({ "type": "auth", "ref": "r6" }).to_string(), Some("r6")),
+        (
+            "a type that is not a string",
+            json!({ "type": 7, "ref": "r2" }).to_string(),
+            Some("r2"),
+        ),
+        (
+            "an unknown type",
+            json!({ "type": "dance", "ref": "r3" }).to_string(),
+            Some("r3"),
+        ),
+        (
+            "send without body",
+            json!({ "type": "send", "to": to, "ref": "r4" }).to_string(),
+            Some("r4"),
+        ),
+        (
+            "join without chat",
+            json!({ "type": "join", "ref": "r5" }).to_string(),
+            Some("r5"),
+        ),
+        (
+            "auth without token",
+            json!({ "type": "auth", "ref": "r6" }).to_string(),
+            Some("r6"),
+        ),
         (
             "a body that is a number",
             json!({ "type": "send", "to": to, "body": 42, "ref": "r7" }).to_string(),
@@ -117,11 +137,32 @@ async fn a_body_over_4096_bytes_gets_too_large_and_one_at_the_limit_is_accepted(
         json!({ "type": "send", "to": bob.to_string(), "body": body, "ref": reference }).to_string()
     };
 
-    refused(&mut client, "one byte over", &send("a".repeat(MAX_BODY + 1), "big"), "too_large", Some("big")).await;
+    refused(
+        &mut client,
+        "one byte over",
+        &send("a".repeat(MAX_BODY + 1), "big"),
+        "too_large",
+        Some("big"),
+    )
+    .await;
     // The limit is in bytes: 2,049 two-byte characters are 4,098 bytes.
-    refused(&mut client, "over in bytes", &send("é".repeat(MAX_BODY / 2 + 1), "wide"), "too_large", Some("wide")).await;
+    refused(
+        &mut client,
+        "over in bytes",
+        &send("é".repeat(MAX_BODY / 2 + 1), "wide"),
+        "too_large",
+        Some("wide"),
+    )
+    .await;
     // A frame well within the frame limit, with a body far over the body limit.
-    refused(&mut client, "far over", &send("a".repeat(60_000), "huge"), "too_large", Some("huge")).await;
+    refused(
+        &mut client,
+        "far over",
+        &send("a".repeat(60_000), "huge"),
+        "too_large",
+        Some("huge"),
+    )
+    .await;
 
     let at_limit = "é".repeat(MAX_BODY / 2);
     let ack = client
@@ -130,7 +171,12 @@ async fn a_body_over_4096_bytes_gets_too_large_and_one_at_the_limit_is_accepted(
     assert_eq!(ack["type"], "ack", "a body of exactly {MAX_BODY} bytes: {ack}");
     // Only that one reached Bob.
     let got = bob_0.next_event(DEFAULT_TIMEOUT).await;
-    assert_eq!((&got["type"], &got["id"]), (&json!("message"), &ack["id"]), "{}", got["type"]);
+    assert_eq!(
+        (&got["type"], &got["id"]),
+        (&json!("message"), &ack["id"]),
+        "{}",
+        got["type"]
+    );
     assert_eq!(got["body"], json!(at_limit));
 }
 
@@ -190,7 +236,10 @@ async fn a_client_whose_first_frame_is_messagepack_is_answered_in_messagepack() 
     assert_eq!(ack["ref"], "s1", "{ack}");
     // Ids are strings, in their canonical text form.
     harness::canonical_uuid(&ack["id"], "ack.id");
-    assert_eq!(harness::canonical_uuid(&ack["chat"], "ack.chat"), harness::private_chat(alice, bob));
+    assert_eq!(
+        harness::canonical_uuid(&ack["chat"], "ack.chat"),
+        harness::private_chat(alice, bob)
+    );
     assert!(ack["seq"].is_i64() && ack["ts"].is_i64(), "{ack}");
 
     // Bob has sent nothing yet: he is answered in JSON.
@@ -199,7 +248,11 @@ async fn a_client_whose_first_frame_is_messagepack_is_answered_in_messagepack() 
         panic!("Bob sent nothing, so JSON is expected; got {frame:?}");
     };
     let message: Value = serde_json::from_str(text.as_str()).expect("JSON");
-    assert_eq!((&message["type"], &message["id"]), (&json!("message"), &ack["id"]), "{message}");
+    assert_eq!(
+        (&message["type"], &message["id"]),
+        (&json!("message"), &ack["id"]),
+        "{message}"
+    );
 
     // The encoding is the first frame's: a later text frame still gets MessagePack.
     alice_0.send_json(json!({ "type": "ping", "ref": "p2" })).await;
@@ -218,7 +271,11 @@ async fn a_client_whose_first_frame_is_messagepack_is_answered_in_messagepack() 
     // Bad MessagePack gets bad_request, in MessagePack, and the connection lives.
     alice_0.send_binary(vec![0xc1, 0xff, 0x00]).await;
     let error = msgpack_frame(&mut alice_0, "error").await;
-    assert_eq!((&error["type"], &error["code"]), (&json!("error"), &json!("bad_request")), "{error}");
+    assert_eq!(
+        (&error["type"], &error["code"]),
+        (&json!("error"), &json!("bad_request")),
+        "{error}"
+    );
     alice_0
         .send_msgpack(&json!({ "type": "send", "to": bob.to_string(), "body": 5, "ref": "s2" }))
         .await;

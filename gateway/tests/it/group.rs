@@ -85,7 +85,10 @@ async fn members_spread_across_two_gateways_receive_every_group_message() {
         assert_eq!(got.len(), expected.len());
         for (got, expected) in got.iter().zip(expected) {
             for field in ["type", "id", "chat", "seq", "from", "body", "ts"] {
-                assert_eq!(got[field], expected[field], "{who}: `{field}` of {got}, expected {expected}");
+                assert_eq!(
+                    got[field], expected[field],
+                    "{who}: `{field}` of {got}, expected {expected}"
+                );
             }
             assert!(!got["to"].is_string(), "{who}: a group message has no `to`: {got}");
         }
@@ -141,13 +144,19 @@ async fn a_non_member_cannot_send_or_type_to_a_group_and_nothing_reaches_its_mem
     let reply = eve_0
         .request(json!({ "type": "typing", "chat": chat.to_string(), "ref": "e2" }))
         .await;
-    assert_eq!((&reply["type"], &reply["code"], &reply["ref"]), (&json!("error"), &json!("forbidden"), &json!("e2")));
+    assert_eq!(
+        (&reply["type"], &reply["code"], &reply["ref"]),
+        (&json!("error"), &json!("forbidden"), &json!("e2"))
+    );
 
     let unknown = Uuid::new_v4();
     let reply = eve_0
         .request(json!({ "type": "send", "chat": unknown.to_string(), "body": "hello?", "ref": "e3" }))
         .await;
-    assert_eq!((&reply["type"], &reply["code"], &reply["ref"]), (&json!("error"), &json!("not_found"), &json!("e3")));
+    assert_eq!(
+        (&reply["type"], &reply["code"], &reply["ref"]),
+        (&json!("error"), &json!("not_found"), &json!("e3"))
+    );
 
     // The members' next event is Alice's message: nothing of Eve's came
     // before it.
@@ -182,7 +191,11 @@ async fn joining_and_leaving_a_public_group_tells_its_members_and_the_user() {
     eve_1.ping().await;
 
     let ack = alice_0.send_to_chat(chat, "welcome Eve").await;
-    for (who, client) in [("Eve", &mut eve_0), ("Eve's other device", &mut eve_1), ("Bob", &mut bob_1)] {
+    for (who, client) in [
+        ("Eve", &mut eve_0),
+        ("Eve's other device", &mut eve_1),
+        ("Bob", &mut bob_1),
+    ] {
         let got = client.expect("message", DEFAULT_TIMEOUT).await;
         assert_eq!(got["id"], ack["id"], "{who}: {got}");
     }
@@ -228,11 +241,17 @@ async fn a_private_groups_messages_never_reach_a_non_member_on_the_same_gateway(
     let reply = eve_0
         .request(json!({ "type": "join", "chat": chat.to_string(), "ref": "j1" }))
         .await;
-    assert_eq!((&reply["type"], &reply["code"], &reply["ref"]), (&json!("error"), &json!("forbidden"), &json!("j1")));
+    assert_eq!(
+        (&reply["type"], &reply["code"], &reply["ref"]),
+        (&json!("error"), &json!("forbidden"), &json!("j1"))
+    );
     let reply = eve_0
         .request(json!({ "type": "join", "chat": Uuid::new_v4().to_string(), "ref": "j2" }))
         .await;
-    assert_eq!((&reply["type"], &reply["code"], &reply["ref"]), (&json!("error"), &json!("not_found"), &json!("j2")));
+    assert_eq!(
+        (&reply["type"], &reply["code"], &reply["ref"]),
+        (&json!("error"), &json!("not_found"), &json!("j2"))
+    );
 
     // Alice writes while Eve, on both gateways, keeps trying to join.
     const MESSAGES: usize = 150;

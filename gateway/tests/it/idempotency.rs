@@ -32,7 +32,11 @@ async fn the_same_id_sent_twice_is_one_message_acked_twice_alike() {
 
     let first = alice_0.request(send_with_id(bob, id, "once", "first")).await;
     assert_eq!(first["type"], "ack", "{first}");
-    assert_eq!(first["id"], json!(id.to_string()), "the ack carries the client's id: {first}");
+    assert_eq!(
+        first["id"],
+        json!(id.to_string()),
+        "the ack carries the client's id: {first}"
+    );
     // The same id again: from the same connection, as after a lost ack, and
     // from Alice's other device, as after a reconnect elsewhere.
     let again = alice_0.request(send_with_id(bob, id, "once", "again")).await;
@@ -40,7 +44,11 @@ async fn the_same_id_sent_twice_is_one_message_acked_twice_alike() {
     for (reference, ack) in [("again", &again), ("elsewhere", &elsewhere)] {
         assert_eq!(ack["type"], "ack", "{ack}");
         assert_eq!(ack["ref"], json!(reference), "{ack}");
-        assert_eq!(ack_fields(ack), ack_fields(&first), "a resend's ack differs: {ack} vs {first}");
+        assert_eq!(
+            ack_fields(ack),
+            ack_fields(&first),
+            "a resend's ack differs: {ack} vs {first}"
+        );
     }
 
     // Bob receives it once: the next message on his channel is Alice's next one.

@@ -8,5 +8,8 @@ mod auth;
 mod bad_input;
 mod group;
 mod idempotency;
+mod ops;
 mod ordering;
 mod private;
+mod redis_outage;
+mod typing;

@@ -21,7 +21,11 @@ const STEP: Duration = Duration::from_secs(20);
 /// while reading what arrives; then reads until the other sender's
 /// `PER_SENDER` messages are in. Returns the client, the acks by ref, and
 /// the messages received, in arrival order.
-async fn pipelined_sender(mut client: Client, chat: Uuid, tag: &'static str) -> (Client, HashMap<String, Value>, Vec<Value>) {
+async fn pipelined_sender(
+    mut client: Client,
+    chat: Uuid,
+    tag: &'static str,
+) -> (Client, HashMap<String, Value>, Vec<Value>) {
     let mut acks = HashMap::new();
     let mut messages = Vec::new();
     let mut sent = 0;
@@ -109,7 +113,10 @@ async fn concurrent_senders_on_two_gateways_give_every_member_and_history_one_or
     })
     .await;
     let (alice, bob, carol, dave) = (harness::user(), harness::user(), harness::user(), harness::user());
-    let (status, created) = stack.http(0).create_chat(alice, "busy", "public", &[bob, carol, dave]).await;
+    let (status, created) = stack
+        .http(0)
+        .create_chat(alice, "busy", "public", &[bob, carol, dave])
+        .await;
     assert_eq!(status, 201, "{created}");
     let chat: Uuid = created["id"].as_str().expect("id").parse().expect("uuid");
 
@@ -156,7 +163,11 @@ async fn concurrent_senders_on_two_gateways_give_every_member_and_history_one_or
         let ack = acks
             .get(message["id"].as_str().expect("id"))
             .unwrap_or_else(|| panic!("a message no one was acked for: {message}"));
-        assert_eq!((&message["seq"], &message["ts"]), (&ack["seq"], &ack["ts"]), "{message} vs {ack}");
+        assert_eq!(
+            (&message["seq"], &message["ts"]),
+            (&ack["seq"], &ack["ts"]),
+            "{message} vs {ack}"
+        );
     }
 
     // (The test's premise: the two senders really sent at once.)
@@ -186,13 +197,30 @@ async fn concurrent_senders_on_two_gateways_give_every_member_and_history_one_or
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert_eq!(backwards.len(), total, "history holds {} of {total} messages", backwards.len());
+    assert_eq!(
+        backwards.len(),
+        total,
+        "history holds {} of {total} messages",
+        backwards.len()
+    );
     assert_same_order("history walked back", &backwards, &order);
     for (stored, live) in backwards.iter().zip(&order) {
-        assert_eq!(stored, &without_type(live), "history shows a message otherwise than live");
+        assert_eq!(
+            stored,
+            &without_type(live),
+            "history shows a message otherwise than live"
+        );
     }
     let forwards = history_forwards(&api, dave, chat, &backwards[0]).await;
     assert_same_order("history walked forward", &forwards, &order);
+
+    // Without a cursor: the latest 50 by default, and never more than 500.
+    for (query, n) in [("", 50), ("limit=1000", 500)] {
+        let (status, body) = api.history(carol, chat, query).await;
+        assert_eq!(status, 200, "history?{query}: {body}");
+        let page = body["messages"].as_array().expect("messages");
+        assert_same_order(&format!("history?{query}"), page, &order[total - n..]);
+    }
 }
 
 /// A `message` event as history shows it: the same fields but `type`.

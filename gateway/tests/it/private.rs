@@ -68,7 +68,10 @@ fn expected_message(ack: &Value, from: Uuid, to: Uuid, body: &str) -> Value {
 /// Checks every field of the contract's `message` event.
 fn assert_message(got: &Value, expected: &Value, who: &str) {
     for field in ["type", "id", "chat", "seq", "from", "to", "body", "ts"] {
-        assert_eq!(got[field], expected[field], "{who}: field `{field}` of {got}; expected {expected}");
+        assert_eq!(
+            got[field], expected[field],
+            "{who}: field `{field}` of {got}; expected {expected}"
+        );
     }
 }
 
@@ -119,15 +122,26 @@ async fn a_private_message_reaches_every_device_of_both_users_but_the_sending_on
     // Alice's own message been sent back to her sending connection it would
     // come before Bob's answer.
     let answer = bob_1.send_message_to(alice, "hi Alice").await;
-    assert_eq!(answer["chat"], json!(chat.to_string()), "both directions share one chat");
+    assert_eq!(
+        answer["chat"],
+        json!(chat.to_string()),
+        "both directions share one chat"
+    );
     assert!(
         answer["seq"].as_i64() > ack["seq"].as_i64(),
         "seq increases in chat order: {ack} then {answer}"
     );
     let first_seen = alice_sending.expect("message", DEFAULT_TIMEOUT).await;
-    assert_message(&first_seen, &expected_message(&answer, bob, alice, "hi Alice"), "Alice's sending connection");
+    assert_message(
+        &first_seen,
+        &expected_message(&answer, bob, alice, "hi Alice"),
+        "Alice's sending connection",
+    );
     let on_bob_0 = bob_0.expect("message", DEFAULT_TIMEOUT).await;
-    assert_eq!(on_bob_0["id"], answer["id"], "Bob's other device gets his answer: {on_bob_0}");
+    assert_eq!(
+        on_bob_0["id"], answer["id"],
+        "Bob's other device gets his answer: {on_bob_0}"
+    );
 
     // Once stored, history shows both users the message with exactly the
     // fields of the live event.
@@ -159,9 +173,7 @@ async fn a_user_may_message_themselves_and_their_other_devices_receive_it() {
     let expected = expected_message(&ack, alice, alice, "note to self");
     let message = other.expect("message", DEFAULT_TIMEOUT).await;
     assert_message(&message, &expected, "Alice's other device");
-    other
-        .expect_none("message", Duration::from_millis(300))
-        .await;
+    other.expect_none("message", Duration::from_millis(300)).await;
 
     // The sending connection did not get its own message: the next one on
     // Alice's channel is Bob's.
