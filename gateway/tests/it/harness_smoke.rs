@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::harness::client::ConnectError;
 use crate::harness::{self, process, Client, Postgres, Redis, Stack, StackOptions, DEFAULT_TIMEOUT};
@@ -146,4 +146,27 @@ async fn processes_stop_on_sigterm_or_sigkill_and_are_replaced() {
     assert!(stack.gateways[0].try_exit().is_some());
     let refused = Client::connect(&stack.gateways[0].ws_url(), None, false).await;
     assert!(matches!(refused, Err(ConnectError::Transport(_))));
+}
+
+#[tokio::test]
+async fn wait_for_history_pages_past_the_apis_500_per_request() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let user = harness::user();
+    let mut client = stack.connect(0, user).await;
+    let total = 520;
+    for i in 0..total {
+        client
+            .send_json(
+                json!({ "type": "send", "to": user.to_string(), "body": format!("m{i}"), "ref": format!("{i}") }),
+            )
+            .await;
+    }
+    let mut acks = client.expect_n("ack", total, DEFAULT_TIMEOUT).await;
+    acks.sort_by_key(|a| a["seq"].as_i64());
+    let chat = harness::private_chat(user, user);
+    let history = stack.wait_for_history(user, chat, total, Duration::from_secs(20)).await;
+    assert_eq!(history.len(), total);
+    let ids: Vec<&Value> = history.iter().map(|m| &m["id"]).collect();
+    let acked: Vec<&Value> = acks.iter().map(|a| &a["id"]).collect();
+    assert_eq!(ids, acked, "history is not the acked messages in seq order");
 }

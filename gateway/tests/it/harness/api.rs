@@ -70,6 +70,28 @@ impl Api {
         self.request(Method::GET, &path, Some(&self.token(user)), None).await
     }
 
+    /// The whole history of `chat` as `user` sees it, oldest first: pages
+    /// backwards (`before=`) 500 at a time. On a status other than 200,
+    /// that status and the messages read so far.
+    pub async fn history_all(&self, user: Uuid, chat: Uuid) -> (u16, Vec<Value>) {
+        let mut pages: Vec<Vec<Value>> = Vec::new();
+        let mut query = "limit=500".to_string();
+        loop {
+            let (status, body) = self.history(user, chat, &query).await;
+            if status != 200 {
+                return (status, pages.into_iter().rev().flatten().collect());
+            }
+            let page = body["messages"].as_array().cloned().unwrap_or_default();
+            let oldest = page.first().map(|m| m["id"].as_str().unwrap_or_default().to_string());
+            let full = page.len() == 500;
+            pages.push(page);
+            match oldest {
+                Some(id) if full => query = format!("limit=500&before={id}"),
+                _ => return (200, pages.into_iter().rev().flatten().collect()),
+            }
+        }
+    }
+
     /// Any request, with `Authorization: Bearer <token>` when given.
     pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
         let (status, text) = self.request_text(method, path, token, body).await;

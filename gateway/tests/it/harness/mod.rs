@@ -272,7 +272,8 @@ impl Stack {
     }
 
     /// Polls `user`'s view of `chat`'s history until it holds at least `n`
-    /// messages; returns them (oldest first). Fails after `timeout`.
+    /// messages; returns all of them (oldest first, paging past the API's
+    /// 500 per request). Fails after `timeout`.
     pub async fn wait_for_history(&self, user: Uuid, chat: Uuid, n: usize, timeout: Duration) -> Vec<Value> {
         let gw = self
             .gateways
@@ -281,19 +282,17 @@ impl Stack {
             .expect("wait_for_history needs a running gateway");
         let api = self.http(gw);
         let deadline = Instant::now() + timeout;
-        let limit = n.clamp(1, 500);
         loop {
-            let (status, body) = api.history(user, chat, &format!("limit={limit}")).await;
-            if status == 200 {
-                let messages = body["messages"].as_array().cloned().unwrap_or_default();
-                if messages.len() >= n {
-                    return messages;
-                }
+            let (status, messages) = api.history_all(user, chat).await;
+            if status == 200 && messages.len() >= n {
+                return messages;
             }
             if Instant::now() >= deadline {
                 panic!(
                     "history of chat {chat} did not reach {n} messages within {timeout:?}; \
-                     last answer: {status} {body}\n{}",
+                     last answer: {status}, {} message(s), the last ones: {}\n{}",
+                    messages.len(),
+                    Value::Array(messages[messages.len().saturating_sub(3)..].to_vec()),
                     self.logs_tail(40)
                 );
             }
