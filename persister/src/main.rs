@@ -1,1 +1,105 @@
-fn main() {}
+//! The `persister` binary: parses the command line, reads the config, sets up
+//! logging and signals, and calls the library. It must hold no logic of its
+//! own; everything it calls is in `persister::` (src/lib.rs).
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use persister::{Config, LogFormat, Persister};
+use tokio_util::sync::CancellationToken;
+
+const ENVIRONMENT: &str = "\
+Environment:
+  REDIS_URL                 Redis holding the queue [default: redis://127.0.0.1:6379]
+  DATABASE_URL              PostgreSQL database [default: postgres://postgres@127.0.0.1:5432/chat]
+  PERSISTER_CONSUMER        consumer name in group `persisters`, unique per live process
+                            [default: <hostname>-<pid>]
+  PERSISTER_BATCH_SIZE      entries per read and per transaction, 1..=10000 [default: 1000]
+  PERSISTER_BLOCK_MS        how long a read waits for new entries [default: 1000]
+  PERSISTER_CLAIM_IDLE_MS   take over entries pending this long with another consumer
+                            [default: 30000]
+  PERSISTER_METRICS_LISTEN  address of GET /metrics and GET /healthz [default: 0.0.0.0:9091]
+  PERSISTER_DB_POOL         PostgreSQL connections at most [default: 4]
+  LOG_FORMAT                text | json (logs go to stderr) [default: text]
+  RUST_LOG                  log filter [default: info]
+
+`run` prints one line to stdout once the metrics port is bound:
+  metrics on <address>
+SIGTERM or SIGINT: finish and acknowledge the current batch, then exit 0.";
+
+/// Stores the chat queue (Redis Stream `chat:queue`) in PostgreSQL.
+#[derive(Parser)]
+#[command(name = "persister", version, after_help = ENVIRONMENT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the embedded SQL migrations (../migrations) and exit.
+    Migrate,
+    /// Consume `chat:queue` and store its jobs until stopped (the default).
+    Run,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::from_env()?;
+    telemetry(&config)?;
+
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Migrate => {
+            let applied = persister::migrate(&config).await?;
+            tracing::info!(applied = applied.len(), "schema is up to date");
+        }
+        Command::Run => {
+            let app = Persister::build(config).await?;
+            println!("metrics on {}", app.metrics_addr());
+            let shutdown = CancellationToken::new();
+            tokio::spawn(on_signal(shutdown.clone()));
+            app.run_until_stopped(shutdown).await?;
+        }
+    }
+    Ok(())
+}
+
+fn telemetry(config: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
+        .with_context(|| format!("RUST_LOG={:?} is invalid", config.log_filter))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let installed = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once.
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot listen for signals; stop with SIGKILL");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down: finishing the current batch");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting without finishing");
+    std::process::exit(130);
+}

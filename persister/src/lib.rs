@@ -1,0 +1,163 @@
+//! The persister: moves jobs from the Redis Stream `chat:queue` into PostgreSQL.
+//!
+//! Gateways append one entry per accepted change; any number of persister
+//! processes read them through the consumer group `persisters`, each under
+//! its own consumer name, store them in batches, and acknowledge and delete
+//! an entry only after its transaction committed (see `worker`). Jobs are
+//! stored idempotently (see `store`), so an entry delivered twice (after a
+//! crash between commit and ack, or a takeover) is harmless.
+//!
+//! This file wires the parts together: `Persister::build` binds the metrics
+//! port, `run_until_stopped` connects and runs the worker until the shutdown
+//! token fires, and `migrate` applies the schema. It holds no logic of its
+//! own and must never read the environment or print: `main` does that.
+//!
+//! Modules: `config` (settings), `migrate` (schema), `worker` (stream
+//! consumption, ack, claim), `reply` (Redis reply parsing), `store`
+//! (PostgreSQL batch write), `http` (metrics and health).
+
+pub mod config;
+pub mod http;
+pub mod migrate;
+pub mod reply;
+pub mod store;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, LogFormat};
+pub use migrate::MigrateError;
+pub use store::StoreError;
+pub use worker::{Backoff, RedisConns, Settings, Worker, WorkerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on PERSISTER_METRICS_LISTEN={addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+}
+
+/// How often the `persister_pending` gauge is refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Applies the pending migrations; returns the versions applied.
+pub async fn migrate(config: &Config) -> Result<Vec<&'static str>, Error> {
+    Ok(migrate::migrate(config.database_url.expose()).await?)
+}
+
+/// A persister with its metrics port bound, not yet connected.
+pub struct Persister {
+    config: Config,
+    listener: TcpListener,
+    metrics_addr: SocketAddr,
+    metrics: PrometheusHandle,
+}
+
+impl Persister {
+    /// Installs the metrics recorder and binds the metrics port.
+    pub async fn build(config: Config) -> Result<Persister, Error> {
+        let metrics = http::install_recorder();
+        let addr = config.metrics_listen;
+        let listener = http::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let metrics_addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        Ok(Persister {
+            config,
+            listener,
+            metrics_addr,
+            metrics,
+        })
+    }
+
+    /// The bound metrics address (the real port when 0 was asked for).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Serves metrics, connects (retrying while Redis is down), and consumes
+    /// the queue until `shutdown` fires; the batch in hand is finished and
+    /// acked first.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Persister {
+            config,
+            listener,
+            metrics,
+            ..
+        } = self;
+        let tasks = TaskTracker::new();
+        tasks.spawn(http::serve(listener, metrics.clone(), shutdown.clone()));
+
+        let store = store::Store::new(config.database_url.expose(), config.db_pool)?;
+        if let Some(redis) = connect_redis(&config, &shutdown).await {
+            tasks.spawn(refresh_gauges(redis.commands.clone(), metrics, shutdown.clone()));
+            let settings = Settings {
+                consumer: config.consumer.clone(),
+                batch_size: config.batch_size,
+                block: config.block,
+                claim_idle: config.claim_idle,
+            };
+            tracing::info!(consumer = %settings.consumer, batch_size = settings.batch_size, "persister running");
+            Worker::new(redis, store, settings, shutdown.clone()).run().await;
+        }
+        // The worker only returns once shutdown fired; the tasks follow it.
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        Ok(())
+    }
+}
+
+/// Connects to Redis, retrying with backoff; `None` if shutdown came first.
+async fn connect_redis(config: &Config, shutdown: &CancellationToken) -> Option<RedisConns> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let attempt = tokio::select! {
+            c = RedisConns::connect(config.redis_url.expose(), config.block) => c,
+            _ = shutdown.cancelled() => return None,
+        };
+        match attempt {
+            Ok(conns) => return Some(conns),
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot connect to Redis; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes `persister_pending` and runs the recorder's upkeep.
+async fn refresh_gauges(
+    mut commands: redis::aio::ConnectionManager,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match worker::pending_count(&mut commands).await {
+            Ok(n) => metrics::gauge!("persister_pending").set(n as f64),
+            Err(e) => tracing::debug!(error = %e, "cannot read the pending count"),
+        }
+        metrics.run_upkeep();
+    }
+}
