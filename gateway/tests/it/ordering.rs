@@ -197,12 +197,14 @@ async fn concurrent_senders_on_two_gateways_give_every_member_and_history_one_or
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert_eq!(
-        backwards.len(),
-        total,
-        "history holds {} of {total} messages",
-        backwards.len()
-    );
+    if backwards.len() != total {
+        panic!(
+            "history holds {} of {total} messages after 60 s; the queue: {}\n{}",
+            backwards.len(),
+            queue_state(&stack).await,
+            stack.logs_tail(40)
+        );
+    }
     assert_same_order("history walked back", &backwards, &order);
     for (stored, live) in backwards.iter().zip(&order) {
         assert_eq!(
@@ -221,6 +223,22 @@ async fn concurrent_senders_on_two_gateways_give_every_member_and_history_one_or
         let page = body["messages"].as_array().expect("messages");
         assert_same_order(&format!("history?{query}"), page, &order[total - n..]);
     }
+}
+
+/// The queue stream's length and its pending summary, to tell a slow or
+/// stuck persister from lost jobs when history falls short.
+async fn queue_state(stack: &Stack) -> String {
+    let mut redis = stack.redis.connection().await;
+    let len: redis::RedisResult<i64> = redis::cmd("XLEN")
+        .arg(shared::queue::STREAM)
+        .query_async(&mut redis)
+        .await;
+    let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+        .arg(shared::queue::STREAM)
+        .arg(shared::queue::GROUP)
+        .query_async(&mut redis)
+        .await;
+    format!("XLEN {len:?}, XPENDING {pending:?}")
 }
 
 /// A `message` event as history shows it: the same fields but `type`.
