@@ -13,9 +13,11 @@
 //! own and must never read the environment or print: `main` does that.
 //!
 //! Modules: `config` (settings), `migrate` (schema), `worker` (stream
-//! consumption, ack, claim), `reply` (Redis reply parsing), `store`
-//! (PostgreSQL batch write), `http` (metrics and health).
+//! consumption, ack, claim), `reply` (Redis reply parsing), `batch`
+//! (isolating refused entries, backoff), `store` (PostgreSQL batch write),
+//! `http` (metrics and health).
 
+pub mod batch;
 pub mod config;
 pub mod http;
 pub mod migrate;
@@ -31,10 +33,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use batch::Backoff;
 pub use config::{Config, LogFormat};
 pub use migrate::MigrateError;
 pub use store::StoreError;
-pub use worker::{Backoff, RedisConns, Settings, Worker, WorkerError};
+pub use worker::{RedisConns, Settings, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

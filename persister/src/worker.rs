@@ -27,7 +27,6 @@
 //!   which raises its delivery count; nothing dead-letters it yet, so it stays
 //!   pending until it is fixed by hand or PostgreSQL accepts it.
 
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -35,6 +34,7 @@ use redis::{RedisError, Value};
 use shared::queue::{Job, JobError, DEAD_LETTERS, GROUP, STREAM};
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::{write_isolating, Backoff, WriteBatch};
 use crate::reply::{self, Entry, ReplyError};
 use crate::store::{Store, StoreError};
 
@@ -301,8 +301,14 @@ impl Worker {
         if !outcome.stored.is_empty() {
             let stored: Vec<&str> = outcome.stored.iter().map(|&i| ids[i].as_str()).collect();
             self.ack(&stored).await?;
+            let mut per_kind = [("message", 0u64), ("chat", 0), ("member", 0)];
             for &i in &outcome.stored {
-                metrics::counter!("persister_jobs_stored_total", "kind" => kind(&jobs[i])).increment(1);
+                if let Some(slot) = per_kind.iter_mut().find(|(k, _)| *k == kind(&jobs[i])) {
+                    slot.1 += 1;
+                }
+            }
+            for (kind, n) in per_kind.into_iter().filter(|(_, n)| *n > 0) {
+                metrics::counter!("persister_jobs_stored_total", "kind" => kind).increment(n);
             }
         }
         for (i, e) in &outcome.rejected {
@@ -430,15 +436,6 @@ fn kind(job: &Job) -> &'static str {
     }
 }
 
-/// A transactional batch write, as `write_isolating` sees it.
-pub(crate) trait WriteBatch {
-    type Error: std::fmt::Display;
-    /// All of `jobs` committed, or none.
-    async fn write_batch(&self, jobs: &[Job]) -> Result<(), Self::Error>;
-    /// Whether retrying without some of the jobs could succeed.
-    fn is_data_error(error: &Self::Error) -> bool;
-}
-
 impl WriteBatch for Store {
     type Error = StoreError;
 
@@ -454,78 +451,6 @@ impl WriteBatch for Store {
 
     fn is_data_error(error: &StoreError) -> bool {
         error.is_data_error()
-    }
-}
-
-/// What became of a batch.
-#[derive(Debug)]
-pub(crate) struct Outcome<E> {
-    /// Indices of the jobs committed.
-    pub stored: Vec<usize>,
-    /// Jobs PostgreSQL refused on their own, with its error.
-    pub rejected: Vec<(usize, E)>,
-    /// Set when a write failed for a reason other than the data; the jobs
-    /// neither stored nor rejected were not tried to the end.
-    pub failed: Option<E>,
-}
-
-/// Writes `jobs` in one transaction; when PostgreSQL refuses the data,
-/// halves the batch until each refused job is alone, so all the others are
-/// stored. A single bad job among n costs about 2·log2(n) extra transactions.
-pub(crate) async fn write_isolating<W: WriteBatch>(writer: &W, jobs: &[Job]) -> Outcome<W::Error> {
-    let mut outcome = Outcome {
-        stored: Vec::new(),
-        rejected: Vec::new(),
-        failed: None,
-    };
-    // A stack, so the halves are tried in order, first half first.
-    let mut todo: Vec<Range<usize>> = Vec::new();
-    if !jobs.is_empty() {
-        todo.push(0..jobs.len());
-    }
-    while let Some(range) = todo.pop() {
-        match writer.write_batch(&jobs[range.clone()]).await {
-            Ok(()) => outcome.stored.extend(range),
-            Err(e) if W::is_data_error(&e) && range.len() > 1 => {
-                let mid = range.start + range.len() / 2;
-                todo.push(mid..range.end);
-                todo.push(range.start..mid);
-            }
-            Err(e) if W::is_data_error(&e) => outcome.rejected.push((range.start, e)),
-            Err(e) => {
-                outcome.failed = Some(e);
-                break;
-            }
-        }
-    }
-    outcome
-}
-
-/// Exponential backoff between failed attempts: `first`, doubling, capped.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    first: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new(first: Duration, max: Duration) -> Backoff {
-        Backoff {
-            first,
-            max,
-            next: first,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.first;
     }
 }
 

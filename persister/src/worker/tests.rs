@@ -1,146 +1,8 @@
-//! Unit tests of the worker's pure logic: splitting, parsing, backoff.
-
-use std::cell::RefCell;
-use std::collections::HashSet;
-
-use shared::protocol::Message;
-use uuid::Uuid;
+//! Unit tests of the worker's pure parts: entries to jobs or dead letters.
 
 use super::*;
-
-/// Refuses any batch holding a message whose seq is in `bad`; fails every
-/// write from call number `down_from` on as if PostgreSQL were gone.
-struct FakeStore {
-    bad: HashSet<i64>,
-    down_from: Option<usize>,
-    calls: RefCell<Vec<Vec<i64>>>,
-}
-
-#[derive(Debug, PartialEq)]
-enum FakeError {
-    Data,
-    Down,
-}
-
-impl std::fmt::Display for FakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
-    }
-}
-
-impl FakeStore {
-    fn new(bad: &[i64]) -> FakeStore {
-        FakeStore {
-            bad: bad.iter().copied().collect(),
-            down_from: None,
-            calls: RefCell::new(Vec::new()),
-        }
-    }
-}
-
-impl WriteBatch for FakeStore {
-    type Error = FakeError;
-
-    async fn write_batch(&self, jobs: &[Job]) -> Result<(), FakeError> {
-        let seqs: Vec<i64> = jobs
-            .iter()
-            .map(|j| match j {
-                Job::Message(m) => m.seq,
-                _ => -1,
-            })
-            .collect();
-        let mut calls = self.calls.borrow_mut();
-        calls.push(seqs.clone());
-        if self.down_from.is_some_and(|n| calls.len() > n) {
-            return Err(FakeError::Down);
-        }
-        if seqs.iter().any(|s| self.bad.contains(s)) {
-            return Err(FakeError::Data);
-        }
-        Ok(())
-    }
-
-    fn is_data_error(error: &FakeError) -> bool {
-        *error == FakeError::Data
-    }
-}
-
-fn jobs(n: i64) -> Vec<Job> {
-    (0..n)
-        .map(|seq| {
-            Job::Message(Message {
-                id: Uuid::now_v7(),
-                chat: Uuid::from_u128(1),
-                seq,
-                from: Uuid::from_u128(2),
-                to: None,
-                body: format!("m{seq}"),
-                ts: 1,
-            })
-        })
-        .collect()
-}
-
-#[tokio::test]
-async fn a_good_batch_is_one_write() {
-    let store = FakeStore::new(&[]);
-    let out = write_isolating(&store, &jobs(10)).await;
-    assert_eq!(out.stored, (0..10).collect::<Vec<_>>());
-    assert!(out.rejected.is_empty() && out.failed.is_none());
-    assert_eq!(store.calls.borrow().len(), 1);
-}
-
-#[tokio::test]
-async fn an_empty_batch_writes_nothing() {
-    let store = FakeStore::new(&[]);
-    let out = write_isolating(&store, &[]).await;
-    assert!(out.stored.is_empty() && out.failed.is_none());
-    assert!(store.calls.borrow().is_empty());
-}
-
-#[tokio::test]
-async fn bad_entries_are_isolated_and_the_rest_is_stored() {
-    let store = FakeStore::new(&[3, 12]);
-    let out = write_isolating(&store, &jobs(16)).await;
-    let mut stored = out.stored.clone();
-    stored.sort();
-    let expected: Vec<usize> = (0..16).filter(|i| *i != 3 && *i != 12).collect();
-    assert_eq!(stored, expected);
-    let rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
-    assert_eq!(rejected, vec![3, 12]);
-    assert!(out.failed.is_none());
-    // 1 + 2 halves + 2 quarters each side + ... : logarithmic, not linear.
-    assert!(store.calls.borrow().len() <= 1 + 2 * 2 * 4, "{:?}", store.calls);
-}
-
-#[tokio::test]
-async fn a_lone_bad_entry_is_rejected() {
-    let store = FakeStore::new(&[0]);
-    let out = write_isolating(&store, &jobs(1)).await;
-    assert!(out.stored.is_empty());
-    assert_eq!(out.rejected, vec![(0, FakeError::Data)]);
-}
-
-#[tokio::test]
-async fn a_connection_error_stops_without_splitting() {
-    let mut store = FakeStore::new(&[]);
-    store.down_from = Some(0);
-    let out = write_isolating(&store, &jobs(8)).await;
-    assert!(out.stored.is_empty() && out.rejected.is_empty());
-    assert_eq!(out.failed, Some(FakeError::Down));
-    assert_eq!(store.calls.borrow().len(), 1);
-}
-
-#[tokio::test]
-async fn what_was_stored_before_a_connection_error_is_kept() {
-    // Call 1: whole batch refused (bad seq 7); call 2: first half stored;
-    // call 3: second half fails because the database went away.
-    let mut store = FakeStore::new(&[7]);
-    store.down_from = Some(2);
-    let out = write_isolating(&store, &jobs(8)).await;
-    assert_eq!(out.stored, vec![0, 1, 2, 3]);
-    assert_eq!(out.failed, Some(FakeError::Down));
-}
+use shared::protocol::Message;
+use uuid::Uuid;
 
 fn entry(id: &str, fields: &[(&str, &str)]) -> Entry {
     Entry {
@@ -156,7 +18,15 @@ fn entry(id: &str, fields: &[(&str, &str)]) -> Entry {
 
 #[test]
 fn a_valid_entry_parses_to_its_job() {
-    let job = jobs(1).remove(0);
+    let job = Job::Message(Message {
+        id: Uuid::now_v7(),
+        chat: Uuid::now_v7(),
+        seq: 1,
+        from: Uuid::now_v7(),
+        to: Some(Uuid::now_v7()),
+        body: "hi".into(),
+        ts: 1,
+    });
     let fields: Vec<(&str, String)> = job.to_fields();
     let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
     assert_eq!(parse(entry("1-0", &pairs)), Ok(("1-0".to_string(), job)));
@@ -186,13 +56,4 @@ fn a_malformed_entry_becomes_a_dead_letter_with_its_fields() {
     })
     .unwrap_err();
     assert_eq!(letter.label, "deleted");
-}
-
-#[test]
-fn backoff_doubles_to_its_cap_and_resets() {
-    let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let delays: Vec<u64> = (0..9).map(|_| b.next_delay().as_millis() as u64).collect();
-    assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
-    b.reset();
-    assert_eq!(b.next_delay(), Duration::from_millis(100));
 }
