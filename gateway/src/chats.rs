@@ -120,6 +120,11 @@ impl Chats {
         self.change(chat, user, actor, action, origin).await
     }
 
+    /// Whether `user` may join `chat` now, without joining it.
+    pub async fn may_join(&self, chat: ChatId, user: UserId) -> Result<Change, ChatError> {
+        self.change(chat, user, user, "may_join", "").await
+    }
+
     /// `user` stops being a member.
     pub async fn leave(&self, chat: ChatId, user: UserId, origin: &str) -> Result<Change, ChatError> {
         self.change(chat, user, user, "leave", origin).await

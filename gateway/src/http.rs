@@ -226,11 +226,12 @@ async fn readyz(svc: Arc<Services>) -> Response {
 
 async fn upgrade(svc: Arc<Services>, who: Identity, upgrade: warp::ws::Ws) -> Response {
     let frame_limit = svc.config.max_frame_bytes;
+    let tracker = svc.sessions.clone();
     match ws::open(svc, who).await {
         Ok(session) => upgrade
             .max_frame_size(frame_limit)
             .max_message_size(frame_limit)
-            .on_upgrade(move |socket| session.run(socket))
+            .on_upgrade(move |socket| tracker.track_future(session.run(socket)))
             .into_response(),
         Err(e @ OpenError::Draining) | Err(e @ OpenError::Unavailable) => {
             ApiError::new(ErrorCode::Unavailable, e.to_string()).into_response()

@@ -33,6 +33,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::bus::Origin;
@@ -60,6 +61,9 @@ pub struct Services {
     pub next_conn: AtomicU64,
     /// Fires when the node starts draining.
     pub shutdown: CancellationToken,
+    /// Every WebSocket session, so a drain can wait for their 1001 closes
+    /// (the HTTP server stops tracking a connection once it is upgraded).
+    pub sessions: TaskTracker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +128,7 @@ impl App {
             metrics,
             next_conn: AtomicU64::new(1),
             shutdown,
+            sessions: TaskTracker::new(),
             config,
         });
         let addr = services.config.listen;
@@ -153,8 +158,16 @@ impl App {
         stop.await;
         tracing::info!("draining");
         shutdown.cancel();
-        // Sessions see the token and close with 1001; give them the grace period.
-        let _ = tokio::time::timeout(grace, server).await;
+        // Sessions see the token, finish their current event and close with
+        // 1001; the listener stops accepting. Both within the grace period.
+        services.sessions.close();
+        let drained = async {
+            let _ = server.await;
+            services.sessions.wait().await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(left = services.sessions.len(), "grace period over; closing the rest");
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 -- KEYS: 1 chat:{chat}:meta  2 chat:{chat}:members  3 user:{user}:chats
 --       4 the queue stream
 -- ARGV: 1 chat  2 user (whose membership changes)  3 actor (who asks)
---       4 action: 'join' | 'add' | 'leave'  5 origin
+--       4 action: 'join' | 'add' | 'leave' | 'may_join' (the join rule
+--       alone, changing nothing)  5 origin
 -- Returns {'ok'} | {'already'} | {'not_found'} | {'forbidden'}
 --
 -- join: the actor is the user; public chats only (private: forbidden).
@@ -20,8 +21,9 @@ if action == 'leave' then
   if not is_member then return {'forbidden'} end
   active = '0'
 else
-  if action == 'join' then
+  if action == 'join' or action == 'may_join' then
     if meta[2] ~= 'public' and not is_member then return {'forbidden'} end
+    if action == 'may_join' then return {is_member and 'already' or 'ok'} end
   elseif redis.call('SISMEMBER', KEYS[2], actor) == 0 then
     return {'forbidden'}
   end

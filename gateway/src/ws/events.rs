@@ -85,6 +85,13 @@ impl Session {
     }
 
     async fn on_join(&mut self, chat: ChatId) -> Reply {
+        // Refuse before receiving anything: a connection attached to a chat
+        // gets its messages, so only one that may join is attached.
+        self.svc
+            .chats
+            .may_join(chat, self.identity.user)
+            .await
+            .map_err(|e| (e.code(), e.to_string()))?;
         // Receive the chat before joining it, so no message published after
         // the join is missed by this connection.
         let newly_attached = !self.chats.contains(&chat);
