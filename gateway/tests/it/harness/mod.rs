@@ -81,11 +81,14 @@ impl Default for StackOptions {
 }
 
 /// A running system: Redis, a migrated database, gateways, a persister.
+///
+/// Fields drop in order: the product's processes die before the servers
+/// they use, so teardown does not fill the logs with connection errors.
 pub struct Stack {
-    pub redis: Redis,
-    pub db: Database,
     pub gateways: Vec<Gateway>,
     pub persister: Option<Persister>,
+    pub redis: Redis,
+    pub db: Database,
     /// Set when the stack runs on its own PostgreSQL cluster
     /// (`Stack::start_dedicated`), so a test may stop and start it.
     pub pg: Option<Postgres>,
