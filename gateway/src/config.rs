@@ -45,6 +45,10 @@ pub struct Config {
     /// `CHAT_TYPING_INTERVAL_MS`: at most one typing event per sender and
     /// target in this interval.
     pub typing_interval_ms: u64,
+    /// `CHAT_CACHE_SIZE`: recent messages kept per chat in Redis (0: off).
+    pub cache_size: usize,
+    /// `CHAT_CACHE_TTL_SECS`: a chat's cache expires after this long idle.
+    pub cache_ttl_secs: u64,
     /// `GATEWAY_DRAIN_SECS`: the grace period of a shutdown.
     pub drain: Duration,
     /// `LOG_FORMAT`: `text` or `json`.
@@ -135,6 +139,18 @@ impl Config {
             typing_interval_ms: check(
                 "CHAT_TYPING_INTERVAL_MS",
                 or(src, "CHAT_TYPING_INTERVAL_MS", 1000u64)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?,
+            cache_size: check(
+                "CHAT_CACHE_SIZE",
+                or(src, "CHAT_CACHE_SIZE", 200usize)?,
+                |n| *n <= 10_000,
+                "0 (off) to 10000",
+            )?,
+            cache_ttl_secs: check(
+                "CHAT_CACHE_TTL_SECS",
+                or(src, "CHAT_CACHE_TTL_SECS", 3600u64)?,
                 |n| *n >= 1,
                 "at least 1",
             )?,

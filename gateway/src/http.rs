@@ -343,22 +343,19 @@ async fn history(svc: Arc<Services>, who: Identity, chat: String, query: HashMap
         .read(chat, window)
         .await
         .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
-    Ok(warp::reply::json(&json!({ "messages": messages })).into_response())
+    Ok(warp::reply::json(&json!({ "messages": messages.as_slice() })).into_response())
 }
 
-/// The seq of cursor message `id`: from PostgreSQL, or, for a message
-/// accepted but not stored yet, from its idempotency record in Redis.
+/// The seq of cursor message `id`: from its idempotency record in Redis
+/// while it lasts (which also covers a message accepted but not stored yet),
+/// else from PostgreSQL.
 async fn position(svc: &Services, chat: ChatId, id: uuid::Uuid, which: &str) -> Result<i64, ApiError> {
-    if let Some(seq) = svc
-        .history
+    if let Ok(Some(seq)) = svc.chats.seq_of(chat, id).await {
+        return Ok(seq);
+    }
+    svc.history
         .seq_of(chat, id)
         .await
         .map_err(|e| ApiError::new(e.code(), e.to_string()))?
-    {
-        return Ok(seq);
-    }
-    svc.chats
-        .seq_of(chat, id)
-        .await?
         .ok_or_else(|| ApiError::bad_request(format!("`{which}` names no message of this chat")))
 }

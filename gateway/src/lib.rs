@@ -39,6 +39,8 @@ use crate::auth::Verifier;
 use crate::bus::Origin;
 use crate::chats::Chats;
 use crate::config::Config;
+use crate::history::cache::{CacheSettings, RecentCache};
+use crate::history::db::Db;
 use crate::history::History;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -117,11 +119,22 @@ impl App {
                 QueueSettings {
                     idempotency_ttl_secs: config.idempotency_ttl_secs,
                     seq_restart_gap: config.seq_restart_gap,
+                    cache_size: config.cache_size,
+                    cache_ttl_secs: config.cache_ttl_secs,
                 },
             ),
             chats: Chats::new(redis.clone()),
             typing: Typing::new(redis.clone(), config.typing_interval_ms),
-            history: History::new(pool),
+            history: History::new(
+                Db::new(pool),
+                RecentCache::new(
+                    redis.clone(),
+                    CacheSettings {
+                        size: config.cache_size,
+                        ttl_secs: config.cache_ttl_secs,
+                    },
+                ),
+            ),
             hub,
             redis,
             origin,

@@ -11,9 +11,12 @@
 //! writes to a client (the session does).
 
 use redis::Script;
+use shared::cache::{CachedMessage, VERSION};
 use shared::ids::{private_chat_id, ChatId, MessageId, UserId};
 use shared::protocol::{ErrorCode, Target};
 use shared::queue::STREAM;
+
+use crate::history::cache::{floor_key, recent_key};
 
 use crate::redis_pool::{RedisError, RedisPool};
 
@@ -58,6 +61,9 @@ impl AcceptError {
 pub struct QueueSettings {
     pub idempotency_ttl_secs: u64,
     pub seq_restart_gap: u64,
+    /// Recent-message cache entries per chat (0: no cache).
+    pub cache_size: usize,
+    pub cache_ttl_secs: u64,
 }
 
 #[derive(Clone)]
@@ -90,6 +96,18 @@ impl Queue {
             Target::Chat(chat) => (chat, None, "group"),
         };
         let to_text = to.map(|t| t.to_string()).unwrap_or_default();
+        // Acceptance time; the cache entry carries it, encoded here once.
+        let ts = now_ms();
+        let entry = CachedMessage {
+            v: VERSION,
+            id,
+            chat,
+            from,
+            to,
+            body: body.to_string(),
+            ts,
+        }
+        .encode();
         let mut inv = self.script.prepare_invoke();
         inv.key(format!("msg:{id}"))
             .key(format!("chat:{chat}:meta"))
@@ -98,6 +116,8 @@ impl Queue {
             .key(STREAM)
             .key(format!("user:{from}:dms"))
             .key(format!("user:{}:dms", to.unwrap_or(from)))
+            .key(recent_key(chat))
+            .key(floor_key(chat))
             .arg(id.to_string())
             .arg(chat.to_string())
             .arg(from.to_string())
@@ -106,10 +126,21 @@ impl Queue {
             .arg(self.settings.idempotency_ttl_secs)
             .arg(self.settings.seq_restart_gap)
             .arg(origin)
-            .arg(mode);
+            .arg(mode)
+            .arg(ts)
+            .arg(entry)
+            .arg(self.settings.cache_size)
+            .arg(self.settings.cache_ttl_secs);
         let reply: Vec<String> = self.redis.run(&inv).await?;
         parse_reply(id, &reply)
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn parse_reply(id: MessageId, reply: &[String]) -> Result<Accepted, AcceptError> {

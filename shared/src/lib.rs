@@ -9,6 +9,7 @@
 //! it is plain data and pure functions, so both binaries (and the fuzzers and
 //! property tests) can use it without dragging in a runtime.
 
+pub mod cache;
 pub mod codec;
 pub mod config;
 pub mod ids;

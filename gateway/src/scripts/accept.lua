@@ -6,11 +6,17 @@
 -- stream order and the publication order of a chat are therefore its seq
 -- order, whichever gateway ran the script.
 --
+-- It also appends the message to the chat's recent-message cache (a sorted
+-- set scored by seq, trimmed to the newest entries), so history can serve it
+-- as soon as the ack is out.
+--
 -- KEYS: 1 msg:{id}  2 chat:{chat}:meta  3 chat:{chat}:members  4 chat:{chat}:seq
 --       5 the queue stream  6 user:{from}:dms  7 user:{to}:dms
+--       8 chat:{chat}:recent  9 chat:{chat}:recent:floor
 -- ARGV: 1 id  2 chat  3 from  4 to ('' for a group send)  5 body
 --       6 idempotency ttl (s)  7 seq gap after a Redis restart  8 origin
---       9 'dm' or 'group'
+--       9 'dm' or 'group'  10 ts (ms)  11 the cache entry (MessagePack, without
+--       seq)  12 cache size (0: no cache)  13 cache ttl (s)
 -- Returns {'ok', chat, seq, ts, to} | {'dup', chat, seq, ts, to}
 --       | {'conflict'} | {'not_found'} | {'forbidden'}
 local id, chat, from, to, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -21,8 +27,7 @@ if prev[1] then
   return {'dup', prev[2], prev[3], prev[4], prev[5] or ''}
 end
 
-local now = redis.call('TIME')
-local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ts = tonumber(ARGV[10])
 
 if ARGV[9] == 'group' then
   local meta = redis.call('HMGET', KEYS[2], 'kind', 'a', 'b')
@@ -64,6 +69,31 @@ redis.call('XADD', KEYS[5], '*', 'v', '1', 'kind', 'message', 'id', id,
   'chat', chat, 'seq', seq, 'from', from, 'to', to, 'body', body, 'ts', ts)
 redis.call('HSET', KEYS[1], 'from', from, 'chat', chat, 'seq', seq, 'ts', ts, 'to', to)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+
+-- The recent cache. Its floor hash says from which seq on the set holds
+-- every message of the chat (f, 0: from the very first one) and under which
+-- Redis run it was written (rid): a cache from before a restart may have lost
+-- entries a persister already stored, so it starts over.
+local size, cache_ttl = tonumber(ARGV[12]), tonumber(ARGV[13])
+if size > 0 then
+  local cached_rid = redis.call('HGET', KEYS[9], 'rid')
+  if cached_rid ~= run_id or redis.call('EXISTS', KEYS[8]) == 0 then
+    redis.call('DEL', KEYS[8])
+    redis.call('HSET', KEYS[9], 'f', (seq == 1) and 0 or seq, 'rid', run_id)
+  end
+  redis.call('ZADD', KEYS[8], seq, ARGV[11])
+  local count = redis.call('ZCARD', KEYS[8])
+  if count > size then
+    redis.call('ZREMRANGEBYRANK', KEYS[8], 0, count - size - 1)
+    redis.call('HSET', KEYS[9], 'f', redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')[2])
+  end
+  redis.call('EXPIRE', KEYS[8], cache_ttl)
+  redis.call('EXPIRE', KEYS[9], cache_ttl)
+else
+  -- This node keeps no cache: drop the chat's, so that nodes which do keep
+  -- one never serve a window that lacks this message.
+  redis.call('DEL', KEYS[8], KEYS[9])
+end
 
 local envelope = cmsgpack.pack({'m', ARGV[8], chat, from, to, id, seq, body, ts})
 if to == '' then

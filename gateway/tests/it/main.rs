@@ -13,3 +13,4 @@ mod ordering;
 mod private;
 mod redis_outage;
 mod typing;
+mod cache;

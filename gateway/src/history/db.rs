@@ -1,47 +1,22 @@
-//! Message history, read from PostgreSQL (the persister writes it).
+//! History queries on PostgreSQL (the persister writes the rows).
 //!
-//! Owns the history queries only. Access is checked by the caller (`chats`)
-//! before anything is read. This is an HTTP-path module: the WebSocket path
-//! never calls it.
+//! Owns the SQL only. This is an HTTP-path module: the WebSocket path never
+//! calls it.
 
 use deadpool_postgres::Pool;
 use shared::ids::ChatId;
-use shared::protocol::{ErrorCode, Message};
+use shared::protocol::Message;
 
-pub const DEFAULT_LIMIT: i64 = 50;
-pub const MAX_LIMIT: i64 = 500;
-
-#[derive(Debug, thiserror::Error)]
-pub enum HistoryError {
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl HistoryError {
-    pub fn code(&self) -> ErrorCode {
-        ErrorCode::Unavailable
-    }
-}
-
-/// A window of a chat, by position (`seq`): the cursors' ids are resolved
-/// to positions by the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    /// Only messages after this position.
-    pub after: Option<i64>,
-    /// Only messages before this position.
-    pub before: Option<i64>,
-    pub limit: i64,
-}
+use super::{HistoryError, Window};
 
 #[derive(Clone)]
-pub struct History {
+pub struct Db {
     pool: Pool,
 }
 
-impl History {
-    pub fn new(pool: Pool) -> History {
-        History { pool }
+impl Db {
+    pub fn new(pool: Pool) -> Db {
+        Db { pool }
     }
 
     /// The messages of `chat` in `window`, oldest first: the first ones after

@@ -1,0 +1,292 @@
+//! The recent-message cache: history served from Redis equals history from
+//! PostgreSQL, a cold cache refills itself, unknown entry versions are misses.
+//!
+//! Gateway 0 keeps a small cache (20 messages per chat); gateway 1 has the
+//! cache turned off, so its answers come from PostgreSQL alone. Both share
+//! Redis and the database.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::harness::{user, Stack, StackOptions};
+
+const CACHE_SIZE: usize = 20;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A stack whose gateway 0 caches and gateway 1 does not.
+async fn cached_and_uncached() -> Stack {
+    let mut stack = Stack::start(StackOptions {
+        gateways: 1,
+        env: vec![("CHAT_CACHE_SIZE".into(), CACHE_SIZE.to_string())],
+        ..StackOptions::default()
+    })
+    .await;
+    stack.add_gateway(&[("CHAT_CACHE_SIZE", "0")]).await;
+    stack
+}
+
+/// A group of `alice` with `n` messages, all stored; returns the chat and its messages.
+async fn chat_with_messages(stack: &Stack, alice: Uuid, n: usize) -> (Uuid, Vec<Value>) {
+    let (status, chat) = stack.http(0).create_chat(alice, "cached", "public", &[]).await;
+    assert_eq!(status, 201, "{chat}");
+    let chat: Uuid = chat["id"].as_str().unwrap().parse().unwrap();
+    let mut client = stack.connect(0, alice).await;
+    for i in 0..n {
+        let ack = client.send_to_chat(chat, &format!("message {i}")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let stored = wait_stored(stack, 1, alice, chat, n).await;
+    (chat, stored)
+}
+
+/// Waits until PostgreSQL holds `n` messages of `chat`, asking gateway
+/// `uncached` (no cache), and returns them.
+async fn wait_stored(stack: &Stack, uncached: usize, who: Uuid, chat: Uuid, n: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = history(stack, uncached, who, chat, &format!("limit={n}")).await;
+        let messages = body["messages"].as_array().cloned().unwrap_or_default();
+        if messages.len() >= n {
+            return messages;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} messages not stored in {WAIT:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `gateway_history_reads_total{source=...}` of gateway `gw`.
+async fn reads_from(stack: &Stack, gw: usize, source: &str) -> u64 {
+    metric_where(
+        stack,
+        gw,
+        "gateway_history_reads_total",
+        &format!("source=\"{source}\""),
+    )
+    .await
+}
+
+async fn metric(stack: &Stack, gw: usize, name: &str) -> u64 {
+    metric_where(stack, gw, name, "").await
+}
+
+/// The sum of a counter's samples whose labels contain `label`.
+async fn metric_where(stack: &Stack, gw: usize, name: &str, label: &str) -> u64 {
+    let (_, text) = stack.http(gw).get_text("/metrics").await;
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn history(stack: &Stack, gw: usize, who: Uuid, chat: Uuid, query: &str) -> Value {
+    let (status, body) = stack.http(gw).history(who, chat, query).await;
+    assert_eq!(status, 200, "GET messages?{query} on gateway {gw}: {body}");
+    body
+}
+
+/// A small deterministic generator, so a failure can be replayed from its seed.
+struct Lcg(u64);
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+#[tokio::test]
+async fn history_from_the_cache_equals_history_from_postgres_over_random_windows() {
+    let stack = cached_and_uncached().await;
+    let alice = user();
+    // Three times what the cache holds, so windows fall inside, across and outside it.
+    let (chat, stored) = chat_with_messages(&stack, alice, CACHE_SIZE * 3).await;
+    let ids: Vec<String> = stored.iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("window seed {seed}");
+    let mut rng = Lcg(seed);
+    for _ in 0..150 {
+        let mut query = vec![format!("limit={}", 1 + rng.below(30))];
+        match rng.below(4) {
+            0 => {}
+            1 => query.push(format!("after={}", ids[rng.below(ids.len())])),
+            2 => query.push(format!("before={}", ids[rng.below(ids.len())])),
+            _ => {
+                let (a, b) = (rng.below(ids.len()), rng.below(ids.len()));
+                query.push(format!("after={}", ids[a.min(b)]));
+                query.push(format!("before={}", ids[a.max(b)]));
+            }
+        }
+        let query = query.join("&");
+        let cached = history(&stack, 0, alice, chat, &query).await;
+        let from_db = history(&stack, 1, alice, chat, &query).await;
+        assert_eq!(cached, from_db, "window {query} (seed {seed})");
+    }
+    // The comparison meant something only if the cache answered some windows.
+    let hits = reads_from(&stack, 0, "cache").await;
+    assert!(hits > 0, "the cache answered no window");
+    println!(
+        "gateway 0: {hits} windows from the cache, {} from PostgreSQL",
+        reads_from(&stack, 0, "db").await
+    );
+}
+
+#[tokio::test]
+async fn a_message_is_in_history_as_soon_as_it_is_acked() {
+    // No persister: only the cache can know the message.
+    let stack = Stack::start(StackOptions {
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob) = (user(), user());
+    let mut client = stack.connect(0, alice).await;
+    let ack = client.send_message_to(bob, "straight from the cache").await;
+    let chat: Uuid = ack["chat"].as_str().unwrap().parse().unwrap();
+    let body = history(&stack, 0, bob, chat, "").await;
+    let messages = body["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "{body}");
+    assert_eq!(messages[0]["id"], ack["id"]);
+    assert_eq!(messages[0]["seq"], ack["seq"]);
+    assert_eq!(messages[0]["ts"], ack["ts"]);
+    assert_eq!(messages[0]["to"], bob.to_string());
+}
+
+#[tokio::test]
+async fn a_flushed_cache_refills_itself_from_postgres() {
+    let stack = cached_and_uncached().await;
+    let alice = user();
+    let (chat, _) = chat_with_messages(&stack, alice, CACHE_SIZE + 10).await;
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis
+        .del(&[format!("chat:{chat}:recent"), format!("chat:{chat}:recent:floor")])
+        .await
+        .unwrap();
+
+    let db_reads = reads_from(&stack, 0, "db").await;
+    let first = history(&stack, 0, alice, chat, "limit=15").await;
+    assert_eq!(first, history(&stack, 1, alice, chat, "limit=15").await);
+    assert_eq!(
+        reads_from(&stack, 0, "db").await,
+        db_reads + 1,
+        "a cold cache is a miss"
+    );
+    let cached: usize = redis.zcard(format!("chat:{chat}:recent")).await.unwrap();
+    assert_eq!(
+        cached, CACHE_SIZE,
+        "the miss refilled the cache with the latest messages"
+    );
+
+    let hits = reads_from(&stack, 0, "cache").await;
+    assert_eq!(history(&stack, 0, alice, chat, "limit=15").await, first);
+    assert_eq!(reads_from(&stack, 0, "cache").await, hits + 1, "the next read is a hit");
+}
+
+#[tokio::test]
+async fn a_cold_cache_does_not_stampede_postgres() {
+    let stack = cached_and_uncached().await;
+    let alice = user();
+    let (chat, _) = chat_with_messages(&stack, alice, 5).await;
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis
+        .del(&[format!("chat:{chat}:recent"), format!("chat:{chat}:recent:floor")])
+        .await
+        .unwrap();
+    let api = stack.http(0);
+    let reads = (0..20).map(|_| api.history(alice, chat, "limit=5"));
+    let answers = futures_util::future::join_all(reads).await;
+    assert!(answers
+        .iter()
+        .all(|(status, body)| *status == 200 && body == &answers[0].1));
+    let queries = metric(&stack, 0, "gateway_history_db_queries_total").await;
+    println!("20 concurrent reads of a cold cache: {queries} PostgreSQL queries");
+    // One shared window query and one refill; a little more if some requests
+    // came late, but never one query per request.
+    assert!(queries < 10, "{queries} queries for 20 identical reads");
+    let hits = reads_from(&stack, 0, "cache").await;
+    history(&stack, 0, alice, chat, "limit=5").await;
+    assert_eq!(reads_from(&stack, 0, "cache").await, hits + 1);
+}
+
+#[tokio::test]
+async fn an_entry_of_an_unknown_format_version_is_a_miss() {
+    let stack = cached_and_uncached().await;
+    let alice = user();
+    let (chat, stored) = chat_with_messages(&stack, alice, 5).await;
+    // A newer gateway wrote entry 3 in a format this one does not know.
+    let seq = stored[2]["seq"].as_i64().unwrap();
+    let mut future = Vec::new();
+    rmp_serde::encode::write_named(&mut future, &serde_json::json!({"v": 99, "anything": "else"})).unwrap();
+    let mut redis = stack.redis.connection().await;
+    let key = format!("chat:{chat}:recent");
+    let _: () = redis.zrembyscore(&key, seq, seq).await.unwrap();
+    let _: () = redis.zadd(&key, future, seq).await.unwrap();
+
+    let db_reads = reads_from(&stack, 0, "db").await;
+    let body = history(&stack, 0, alice, chat, "").await;
+    assert_eq!(body["messages"].as_array().unwrap().len(), 5, "{body}");
+    assert_eq!(body, history(&stack, 1, alice, chat, "").await);
+    assert_eq!(
+        reads_from(&stack, 0, "db").await,
+        db_reads + 1,
+        "the unknown entry made the read a miss"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_senders_are_in_the_same_order_in_the_cache_as_in_postgres() {
+    // Senders on two caching gateways; gateway 2 reads PostgreSQL only.
+    let mut stack = Stack::start(StackOptions {
+        gateways: 2,
+        env: vec![("CHAT_CACHE_SIZE".into(), CACHE_SIZE.to_string())],
+        ..StackOptions::default()
+    })
+    .await;
+    let uncached = stack.add_gateway(&[("CHAT_CACHE_SIZE", "0")]).await;
+    let (alice, bob) = (user(), user());
+    let (status, chat) = stack.http(0).create_chat(alice, "race", "public", &[bob]).await;
+    assert_eq!(status, 201);
+    let chat: Uuid = chat["id"].as_str().unwrap().parse().unwrap();
+    let (mut a, mut b) = (stack.connect(0, alice).await, stack.connect(1, bob).await);
+    let n = CACHE_SIZE / 2;
+    let send_a = async {
+        for i in 0..n {
+            a.send_to_chat(chat, &format!("a{i}")).await;
+        }
+    };
+    let send_b = async {
+        for i in 0..n {
+            b.send_to_chat(chat, &format!("b{i}")).await;
+        }
+    };
+    tokio::join!(send_a, send_b);
+    wait_stored(&stack, uncached, alice, chat, 2 * n).await;
+    let hits = reads_from(&stack, 0, "cache").await;
+    let cached = history(&stack, 0, alice, chat, &format!("limit={}", 2 * n)).await;
+    assert_eq!(
+        reads_from(&stack, 0, "cache").await,
+        hits + 1,
+        "answered from the cache"
+    );
+    assert_eq!(
+        cached,
+        history(&stack, uncached, alice, chat, &format!("limit={}", 2 * n)).await
+    );
+    let seqs: Vec<i64> = cached["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
