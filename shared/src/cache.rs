@@ -2,7 +2,9 @@
 //!
 //! Gateways keep the latest messages of each chat in a Redis sorted set
 //! scored by `seq`; each member is one `CachedMessage` encoded with
-//! rmp-serde (a map with string keys, readable from any language). The `seq`
+//! rmp-serde: a map with string keys, ids as 16-byte binaries (readable from
+//! any language's MessagePack library, and 80 bytes smaller than ids as text).
+//! The `seq`
 //! is the member's score, not part of the value, so the gateway can encode the
 //! value before Redis assigns the seq. `v` is the format version: a reader that
 //! finds a version it does not know treats the whole read as a cache miss (a
@@ -10,7 +12,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, Encoding};
 use crate::ids::{ChatId, MessageId, UserId};
 use crate::protocol::Message;
 
@@ -52,30 +53,31 @@ impl CachedMessage {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        // Plain data of our own: encoding cannot fail.
-        codec::encode(self, Encoding::MsgPack).unwrap_or_default()
+        let mut buf = Vec::with_capacity(128 + self.body.len());
+        // Plain data of our own into a Vec: encoding cannot fail.
+        let _ = self.serialize(&mut rmp_serde::Serializer::new(&mut buf).with_struct_map());
+        buf
     }
 
     /// Decodes an entry stored with score `seq`; any other version is an error.
     pub fn decode(bytes: &[u8], seq: i64) -> Result<Message, CacheFormatError> {
-        #[derive(Deserialize)]
-        struct VersionOnly {
-            v: u32,
+        match rmp_serde::from_slice::<CachedMessage>(bytes) {
+            Ok(c) if c.v == VERSION => {
+                Ok(Message { id: c.id, chat: c.chat, seq, from: c.from, to: c.to, body: c.body, ts: c.ts })
+            }
+            Ok(c) => Err(CacheFormatError::Version(c.v)),
+            // Another version may have other fields: name it if it has a `v`.
+            Err(e) => {
+                #[derive(Deserialize)]
+                struct VersionOnly {
+                    v: u32,
+                }
+                match rmp_serde::from_slice::<VersionOnly>(bytes) {
+                    Ok(probe) if probe.v != VERSION => Err(CacheFormatError::Version(probe.v)),
+                    _ => Err(CacheFormatError::Decode(e.to_string())),
+                }
+            }
         }
-        let probe: VersionOnly = codec::decode(bytes, Encoding::MsgPack).map_err(CacheFormatError::Decode)?;
-        if probe.v != VERSION {
-            return Err(CacheFormatError::Version(probe.v));
-        }
-        let c: CachedMessage = codec::decode(bytes, Encoding::MsgPack).map_err(CacheFormatError::Decode)?;
-        Ok(Message {
-            id: c.id,
-            chat: c.chat,
-            seq,
-            from: c.from,
-            to: c.to,
-            body: c.body,
-            ts: c.ts,
-        })
     }
 }
 
@@ -124,7 +126,7 @@ mod tests {
             v: u32,
             blob: Vec<u8>,
         }
-        let future = codec::encode(&Future { v: 3, blob: vec![1, 2] }, Encoding::MsgPack).unwrap();
+        let future = rmp_serde::to_vec_named(&Future { v: 3, blob: vec![1, 2] }).unwrap();
         assert_eq!(CachedMessage::decode(&future, 1), Err(CacheFormatError::Version(3)));
     }
 }
