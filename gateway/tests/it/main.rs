@@ -6,6 +6,7 @@ mod harness_smoke;
 
 mod auth;
 mod bad_input;
+mod cache;
 mod group;
 mod idempotency;
 mod ops;
@@ -13,4 +14,3 @@ mod ordering;
 mod private;
 mod redis_outage;
 mod typing;
-mod cache;
