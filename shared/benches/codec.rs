@@ -27,12 +27,20 @@ fn codec(c: &mut Criterion) {
     let entry = CachedMessage::of(&m);
     let mp = entry.encode();
     let json = encode(&entry, Encoding::Json).unwrap();
-    eprintln!("bytes per message (100-byte body): msgpack {} json {}", mp.len(), json.len());
+    eprintln!(
+        "bytes per message (100-byte body): msgpack {} json {}",
+        mp.len(),
+        json.len()
+    );
 
     let mut group = c.benchmark_group("cache_entry");
     group.bench_function("msgpack_encode", |b| b.iter(|| black_box(&entry).encode()));
-    group.bench_function("json_encode", |b| b.iter(|| encode(black_box(&entry), Encoding::Json).unwrap()));
-    group.bench_function("msgpack_decode", |b| b.iter(|| CachedMessage::decode(black_box(&mp), 123_456).unwrap()));
+    group.bench_function("json_encode", |b| {
+        b.iter(|| encode(black_box(&entry), Encoding::Json).unwrap())
+    });
+    group.bench_function("msgpack_decode", |b| {
+        b.iter(|| CachedMessage::decode(black_box(&mp), 123_456).unwrap())
+    });
     group.bench_function("json_decode", |b| {
         b.iter(|| decode::<CachedMessage>(black_box(&json), Encoding::Json).unwrap())
     });

@@ -62,9 +62,15 @@ impl CachedMessage {
     /// Decodes an entry stored with score `seq`; any other version is an error.
     pub fn decode(bytes: &[u8], seq: i64) -> Result<Message, CacheFormatError> {
         match rmp_serde::from_slice::<CachedMessage>(bytes) {
-            Ok(c) if c.v == VERSION => {
-                Ok(Message { id: c.id, chat: c.chat, seq, from: c.from, to: c.to, body: c.body, ts: c.ts })
-            }
+            Ok(c) if c.v == VERSION => Ok(Message {
+                id: c.id,
+                chat: c.chat,
+                seq,
+                from: c.from,
+                to: c.to,
+                body: c.body,
+                ts: c.ts,
+            }),
             Ok(c) => Err(CacheFormatError::Version(c.v)),
             // Another version may have other fields: name it if it has a `v`.
             Err(e) => {
