@@ -86,9 +86,16 @@ pub fn send_frame(target: &str, stamp: &Stamp, body_len: usize) -> String {
 /// The server events the load tool acts on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming<'a> {
-    Message { body: Cow<'a, str> },
-    Ack { reference: Option<Cow<'a, str>> },
-    Error { code: Cow<'a, str>, reference: Option<Cow<'a, str>> },
+    Message {
+        body: Cow<'a, str>,
+    },
+    Ack {
+        reference: Option<Cow<'a, str>>,
+    },
+    Error {
+        code: Cow<'a, str>,
+        reference: Option<Cow<'a, str>>,
+    },
     /// Any other event type (`joined`, `typing`, …).
     Other,
     /// Not a JSON object with a string `type`.
@@ -258,7 +265,10 @@ mod tests {
                 reference: Some(Cow::Borrowed("1.2.3"))
             }
         );
-        assert_eq!(parse_incoming(r#"{"type":"joined","chat":"a","user":"b"}"#), Incoming::Other);
+        assert_eq!(
+            parse_incoming(r#"{"type":"joined","chat":"a","user":"b"}"#),
+            Incoming::Other
+        );
         assert_eq!(parse_incoming("not json"), Incoming::Bad);
     }
 }

@@ -165,7 +165,9 @@ pub struct Traffic {
 }
 
 fn parse_watch(s: &str) -> Result<(String, u32), String> {
-    let (name, pid) = s.split_once('=').ok_or_else(|| format!("expected NAME=PID, got {s:?}"))?;
+    let (name, pid) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PID, got {s:?}"))?;
     let pid = pid.parse().map_err(|_| format!("not a pid: {pid:?}"))?;
     if name.is_empty() {
         return Err("empty NAME".into());

@@ -65,6 +65,16 @@ pub struct SelfCpu {
     pub cores: f64,
 }
 
+/// The whole machine's CPU over the measured window, in cores busy: the
+/// watched processes, the load tool, and everything else (other work on a
+/// shared machine makes figures noisy; this says how much there was).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MachineCpu {
+    pub busy_cores: f64,
+    /// busy − load tool − watched processes.
+    pub other_cores: f64,
+}
+
 /// One phase: a fixed-rate run, or one step of `max` mode.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Phase {
@@ -89,6 +99,8 @@ pub struct Phase {
     pub fanout: f64,
     /// Messages sent within the window, per second.
     pub offered_msgs_per_s: f64,
+    /// Messages actually written within the window, per second.
+    pub sent_per_s: f64,
     /// `message` events received within the window, per second: a group
     /// message to 100 members counts as its 99 deliveries.
     pub delivered_per_s: f64,
@@ -113,6 +125,7 @@ pub struct Phase {
     pub drain_s: f64,
     pub loadgen_cpu: SelfCpu,
     pub processes: Vec<ProcCpu>,
+    pub machine_cpu: MachineCpu,
     /// Whether this phase meets the `max` mode's bounds.
     pub pass: bool,
     /// Why not, when it does not.
@@ -175,6 +188,7 @@ pub struct Connections {
     pub closed_while_held: u64,
     pub loadgen_cpu: SelfCpu,
     pub processes: Vec<ProcCpu>,
+    pub machine_cpu: MachineCpu,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -205,6 +219,15 @@ pub struct Report {
     /// Max mode: the fastest step that passed.
     pub last_passing: Option<Phase>,
     pub connections: Option<Connections>,
+    /// Connections ended by the server or the network during the run, by
+    /// reason (`close 1008`, `eof`, …).
+    pub closes: BTreeMap<String, u64>,
+    /// Acks and deliveries that arrived after their phase was over.
+    pub stale: u64,
+    /// Frames that were not ours or not understood.
+    pub foreign: u64,
+    /// `error` events that answered no send of ours, by code.
+    pub other_errors: BTreeMap<String, u64>,
     /// Whole run, setup included.
     pub loadgen_cpu_total: SelfCpu,
     pub wall_s: f64,
@@ -251,6 +274,11 @@ fn phase_text(p: &Phase, out: &mut String) {
     for pc in &p.processes {
         let _ = write!(cpu, ", {} {:.2}", pc.name, pc.cores);
     }
+    let _ = write!(
+        cpu,
+        "; machine busy {:.2}, other work {:.2}",
+        p.machine_cpu.busy_cores, p.machine_cpu.other_cores
+    );
     let _ = writeln!(out, "{cpu}");
     if !p.fail_reasons.is_empty() {
         let _ = writeln!(out, "  fails: {}", p.fail_reasons.join("; "));
@@ -310,6 +338,11 @@ impl Report {
             for pc in &c.processes {
                 let _ = write!(cpu, ", {} {:.2}", pc.name, pc.cores);
             }
+            let _ = write!(
+                cpu,
+                "; machine busy {:.2}, other work {:.2}",
+                c.machine_cpu.busy_cores, c.machine_cpu.other_cores
+            );
             let _ = writeln!(out, "{cpu}");
         }
         let _ = writeln!(
@@ -317,6 +350,16 @@ impl Report {
             "loadgen total: {:.1} s wall, cpu user {:.1} s sys {:.1} s",
             self.wall_s, self.loadgen_cpu_total.user_s, self.loadgen_cpu_total.sys_s
         );
+        if !self.closes.is_empty() {
+            let _ = writeln!(out, "connections ended during the run: {:?}", self.closes);
+        }
+        if self.stale + self.foreign > 0 || !self.other_errors.is_empty() {
+            let _ = writeln!(
+                out,
+                "late arrivals {}, foreign frames {}, other errors {:?}",
+                self.stale, self.foreign, self.other_errors
+            );
+        }
         if let Some(e) = &self.error {
             let _ = writeln!(out, "error: {e}");
         }
@@ -351,7 +394,8 @@ mod tests {
         let mut h = new_histogram();
         h.record(123_456).unwrap(); // 0.123456 ms
         let l = Latency::from_histogram(&h);
-        assert_eq!(l.p50_ms, 0.123);
+        // Within the histogram's resolution (3 significant digits).
+        assert!((l.p50_ms - 0.1235).abs() <= 0.001, "{l:?}");
         assert_eq!(Latency::from_histogram(&new_histogram()), Latency::default());
         // Out-of-range values clamp instead of failing.
         h.saturating_record(u64::MAX);
@@ -409,6 +453,10 @@ mod tests {
             phases: vec![p.clone()],
             last_passing: Some(p),
             connections: None,
+            closes: BTreeMap::new(),
+            stale: 0,
+            foreign: 0,
+            other_errors: BTreeMap::new(),
             loadgen_cpu_total: SelfCpu::default(),
             wall_s: 12.0,
             error: None,

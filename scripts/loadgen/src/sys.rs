@@ -24,6 +24,7 @@ pub fn raise_nofile() -> std::io::Result<(u64, u64)> {
             }
         }
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
     Ok((r.rlim_cur as u64, r.rlim_max as u64))
 }
 
@@ -87,6 +88,25 @@ pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / clock_ticks())
 }
 
+/// (busy, total) CPU time of the whole machine in seconds, all cores
+/// together, from the text of /proc/stat (busy: all but idle and iowait).
+pub fn parse_proc_stat(stat: &str) -> Option<(f64, f64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v[4];
+    let t = clock_ticks();
+    Some(((total - idle) as f64 / t, total as f64 / t))
+}
+
+pub fn machine_cpu() -> Option<(f64, f64)> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
 /// VmRSS of `pid` in bytes, from the text of /proc/<pid>/status.
 pub fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -141,6 +161,14 @@ mod tests {
         let stat = "1234 (my (odd) proc) S 77 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 100 0 0";
         assert_eq!(parse_stat(stat), Some((77, 300)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn machine_cpu_from_proc_stat() {
+        let stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
+        let t = clock_ticks();
+        assert_eq!(parse_proc_stat(stat), Some((150.0 / t, 1000.0 / t)));
+        assert!(machine_cpu().is_some());
     }
 
     #[test]

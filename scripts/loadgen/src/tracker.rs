@@ -30,7 +30,10 @@ impl Sharded {
 
     pub fn record(&self, hint: usize, value_ns: u64) {
         let shard = &self.shards[hint % self.shards.len()];
-        shard.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(value_ns.max(1));
+        shard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(value_ns.max(1));
     }
 
     pub fn merged(&self) -> Histogram<u64> {
