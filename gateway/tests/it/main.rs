@@ -7,6 +7,7 @@ mod harness_smoke;
 mod auth;
 mod bad_input;
 mod cache;
+mod faults;
 mod group;
 mod idempotency;
 mod ops;

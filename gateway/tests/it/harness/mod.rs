@@ -87,6 +87,9 @@ impl Default for StackOptions {
 pub struct Stack {
     pub gateways: Vec<Gateway>,
     pub persister: Option<Persister>,
+    /// Persisters started beside `persister` (`start_extra_persister`); all
+    /// share the consumer group.
+    pub extra_persisters: Vec<Persister>,
     pub redis: Redis,
     pub db: Database,
     /// Set when the stack runs on its own PostgreSQL cluster
@@ -125,6 +128,7 @@ impl Stack {
             db,
             gateways: vec![],
             persister: None,
+            extra_persisters: vec![],
             pg,
             secret: format!("test-secret-{}", Uuid::new_v4().simple()),
             options,
@@ -209,6 +213,16 @@ impl Stack {
         self.started_persisters += 1;
         let name = format!("p{}", self.started_persisters);
         self.persister = Some(Persister::start(&name, self.persister_env(&name)).await);
+    }
+
+    /// Starts one more persister (named pN) beside the running ones, in the
+    /// same consumer group; returns its index in `extra_persisters`.
+    pub async fn start_extra_persister(&mut self) -> usize {
+        self.started_persisters += 1;
+        let name = format!("p{}", self.started_persisters);
+        let persister = Persister::start(&name, self.persister_env(&name)).await;
+        self.extra_persisters.push(persister);
+        self.extra_persisters.len() - 1
     }
 
     /// An HS256 token for `user`, valid for an hour.
@@ -309,7 +323,7 @@ impl Stack {
         for g in &self.gateways {
             out.push_str(&g.logs_tail(lines));
         }
-        if let Some(p) = &self.persister {
+        for p in self.persister.iter().chain(&self.extra_persisters) {
             out.push_str(&p.logs_tail(lines));
         }
         out

@@ -66,6 +66,24 @@ pub async fn migrate(database_url: &str) {
     );
 }
 
+/// Runs a one-shot persister command (`persister <args>`, e.g.
+/// `dead-letters replay --all`) with `env` and returns its output, whatever
+/// its exit status; fails the test if it takes over a minute.
+pub async fn run_persister(args: &[&str], env: Vec<(String, String)>) -> std::process::Output {
+    let mut cmd = Command::new(persister_binary());
+    cmd.args(args)
+        .env_clear()
+        .envs(base_env())
+        .envs(env)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    die_with_parent_tokio(&mut cmd);
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("`persister {}` took over 60 s", args.join(" ")))
+        .unwrap_or_else(|e| panic!("spawning `persister {}`: {e}", args.join(" ")))
+}
+
 /// A gateway process.
 pub struct Gateway {
     /// Its `GATEWAY_NODE_ID`.
