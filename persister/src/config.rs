@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use shared::config::{check, or, ConfigError, Env, Secret, Source};
 
+use crate::retry::RetryPolicy;
+
 /// How log lines on stderr look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -44,11 +46,18 @@ pub struct Config {
     pub consumer: String,
     /// PERSISTER_BATCH_SIZE: entries read (and written in one transaction) at most.
     pub batch_size: usize,
+    /// PERSISTER_CONCURRENCY: batches in flight at once, each read and
+    /// written by a worker of its own (consumer `<consumer>/<n>` for n ≥ 1).
+    pub concurrency: usize,
     /// PERSISTER_BLOCK_MS: how long one XREADGROUP waits for new entries.
     pub block: Duration,
     /// PERSISTER_CLAIM_IDLE_MS: pending entries idle longer than this are
     /// taken over from whichever consumer read them (it is presumed dead).
     pub claim_idle: Duration,
+    /// PERSISTER_MAX_DELIVERIES, PERSISTER_RETRY_MS, PERSISTER_RETRY_MAX_MS:
+    /// how often and how far apart an entry PostgreSQL refuses is tried
+    /// before it moves to the dead-letter stream.
+    pub retry: RetryPolicy,
     /// PERSISTER_METRICS_LISTEN: where /metrics and /healthz are served.
     pub metrics_listen: SocketAddr,
     /// PERSISTER_DB_POOL: PostgreSQL connections at most.
@@ -90,6 +99,12 @@ impl Config {
             |n| (1..=10_000).contains(n),
             "between 1 and 10000",
         )?;
+        let concurrency = check(
+            "PERSISTER_CONCURRENCY",
+            or(src, "PERSISTER_CONCURRENCY", 2usize)?,
+            |n| (1..=32).contains(n),
+            "between 1 and 32",
+        )?;
         let block_ms = check(
             "PERSISTER_BLOCK_MS",
             or(src, "PERSISTER_BLOCK_MS", 1000u64)?,
@@ -101,6 +116,24 @@ impl Config {
             or(src, "PERSISTER_CLAIM_IDLE_MS", 30_000u64)?,
             |n| *n >= 10,
             "at least 10",
+        )?;
+        let max_deliveries = check(
+            "PERSISTER_MAX_DELIVERIES",
+            or(src, "PERSISTER_MAX_DELIVERIES", 5u64)?,
+            |n| (1..=1000).contains(n),
+            "between 1 and 1000",
+        )?;
+        let retry_ms = check(
+            "PERSISTER_RETRY_MS",
+            or(src, "PERSISTER_RETRY_MS", 250u64)?,
+            |n| (1..=600_000).contains(n),
+            "between 1 and 600000",
+        )?;
+        let retry_max_ms = check(
+            "PERSISTER_RETRY_MAX_MS",
+            or(src, "PERSISTER_RETRY_MAX_MS", 5000u64)?,
+            |n| (retry_ms..=600_000).contains(n),
+            "between PERSISTER_RETRY_MS and 600000",
         )?;
         let metrics_listen = or(src, "PERSISTER_METRICS_LISTEN", SocketAddr::from(([0, 0, 0, 0], 9091)))?;
         let db_pool = check(
@@ -123,8 +156,14 @@ impl Config {
             database_url,
             consumer,
             batch_size,
+            concurrency,
             block: Duration::from_millis(block_ms),
             claim_idle: Duration::from_millis(claim_idle_ms),
+            retry: RetryPolicy {
+                max_deliveries,
+                first_delay: Duration::from_millis(retry_ms),
+                max_delay: Duration::from_millis(retry_max_ms),
+            },
             metrics_listen,
             db_pool,
             log_format,
@@ -174,8 +213,10 @@ mod tests {
         assert_eq!(c.database_url.expose(), "postgres://postgres@127.0.0.1:5432/chat");
         assert!(c.consumer.ends_with(&format!("-{}", std::process::id())));
         assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.concurrency, 2);
         assert_eq!(c.block, Duration::from_millis(1000));
         assert_eq!(c.claim_idle, Duration::from_millis(30_000));
+        assert_eq!(c.retry, RetryPolicy::default());
         assert_eq!(c.metrics_listen, "0.0.0.0:9091".parse().unwrap());
         assert_eq!(c.db_pool, 4);
         assert_eq!(c.log_format, LogFormat::Text);
@@ -187,7 +228,11 @@ mod tests {
         for (name, value) in [
             ("PERSISTER_BATCH_SIZE", "0"),
             ("PERSISTER_BATCH_SIZE", "10001"),
+            ("PERSISTER_CONCURRENCY", "0"),
             ("PERSISTER_BLOCK_MS", "0"),
+            ("PERSISTER_MAX_DELIVERIES", "0"),
+            ("PERSISTER_RETRY_MS", "0"),
+            ("PERSISTER_RETRY_MAX_MS", "100"),
             ("PERSISTER_METRICS_LISTEN", "nowhere"),
             ("LOG_FORMAT", "xml"),
             ("DATABASE_URL", "postgres://u:pw@host:notaport/db"),
@@ -204,12 +249,23 @@ mod tests {
         let c = Config::from_source(&env(&[
             ("PERSISTER_CONSUMER", "p1"),
             ("PERSISTER_BATCH_SIZE", "10"),
+            ("PERSISTER_MAX_DELIVERIES", "2"),
+            ("PERSISTER_RETRY_MS", "20"),
+            ("PERSISTER_RETRY_MAX_MS", "40"),
             ("PERSISTER_METRICS_LISTEN", "127.0.0.1:0"),
             ("LOG_FORMAT", "json"),
         ]))
         .unwrap();
         assert_eq!(c.consumer, "p1");
         assert_eq!(c.batch_size, 10);
+        assert_eq!(
+            c.retry,
+            RetryPolicy {
+                max_deliveries: 2,
+                first_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(40),
+            }
+        );
         assert_eq!(c.metrics_listen.port(), 0);
         assert_eq!(c.log_format, LogFormat::Json);
     }

@@ -60,10 +60,26 @@ fn describe() {
         "persister_write_errors_total",
         "Batch transactions that failed (connection or data errors)."
     );
-    describe_counter!("persister_dead_letters_total", "Entries moved to chat:dead, by reason.");
+    describe_counter!(
+        "persister_dead_letters_total",
+        "Entries moved to chat:dead, by reason (refused, invalid, missing, version, kind, deleted)."
+    );
+    describe_counter!(
+        "persister_retries_total",
+        "Refusals by PostgreSQL of an entry below PERSISTER_MAX_DELIVERIES (it is tried again)."
+    );
     describe_gauge!(
         "persister_pending",
         "Entries read by some persister and not yet acknowledged (XPENDING)."
+    );
+    describe_gauge!(
+        "persister_stream_length",
+        "Entries in chat:queue, i.e. not yet stored, read or not (XLEN)."
+    );
+    describe_gauge!(
+        "persister_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest entry not yet stored (the first in chat:queue), by the Redis clock; 0 when empty."
     );
 }
 

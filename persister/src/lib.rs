@@ -13,15 +13,18 @@
 //! own and must never read the environment or print: `main` does that.
 //!
 //! Modules: `config` (settings), `migrate` (schema), `worker` (stream
-//! consumption, ack, claim), `reply` (Redis reply parsing), `batch`
-//! (isolating refused entries, backoff), `store` (PostgreSQL batch write),
-//! `http` (metrics and health).
+//! consumption, ack, claim, retries), `retry` (retry and dead-letter
+//! policy), `dead` (the dead-letter stream: format, move, list, replay),
+//! `reply` (Redis reply parsing), `batch` (isolating refused entries,
+//! backoff), `store` (PostgreSQL batch write), `http` (metrics and health).
 
 pub mod batch;
 pub mod config;
+pub mod dead;
 pub mod http;
 pub mod migrate;
 pub mod reply;
+pub mod retry;
 pub mod store;
 pub mod worker;
 
@@ -35,7 +38,9 @@ use tokio_util::task::TaskTracker;
 
 pub use batch::Backoff;
 pub use config::{Config, LogFormat};
+pub use dead::{DeadError, DeadLetter, Replayed};
 pub use migrate::MigrateError;
+pub use retry::RetryPolicy;
 pub use store::StoreError;
 pub use worker::{RedisConns, Settings, Worker, WorkerError};
 
@@ -51,10 +56,16 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     Migrate(#[from] MigrateError),
+    #[error(transparent)]
+    Dead(#[from] DeadError),
+    #[error("cannot reach Redis: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
-/// How often the `persister_pending` gauge is refreshed.
-const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the queue gauges (`persister_pending`,
+/// `persister_stream_length`, `persister_oldest_pending_age_seconds`) are
+/// refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Applies the pending migrations; returns the versions applied.
 pub async fn migrate(config: &Config) -> Result<Vec<&'static str>, Error> {
@@ -90,8 +101,10 @@ impl Persister {
     }
 
     /// Serves metrics, connects (retrying while Redis is down), and consumes
-    /// the queue until `shutdown` fires; the batch in hand is finished and
-    /// acked first.
+    /// the queue with `PERSISTER_CONCURRENCY` workers ("lanes", each a
+    /// consumer of its own in the group, so one lane's batch is read and
+    /// parsed while another's is written) until `shutdown` fires; the batches
+    /// in hand are finished and acked first.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Persister {
             config,
@@ -105,20 +118,54 @@ impl Persister {
         let store = store::Store::new(config.database_url.expose(), config.db_pool)?;
         if let Some(redis) = connect_redis(&config, &shutdown).await {
             tasks.spawn(refresh_gauges(redis.commands.clone(), metrics, shutdown.clone()));
-            let settings = Settings {
-                consumer: config.consumer.clone(),
-                batch_size: config.batch_size,
-                block: config.block,
-                claim_idle: config.claim_idle,
-            };
-            tracing::info!(consumer = %settings.consumer, batch_size = settings.batch_size, "persister running");
-            Worker::new(redis, store, settings, shutdown.clone()).run().await;
+            let mut lanes = Vec::with_capacity(config.concurrency);
+            for lane in 0..config.concurrency {
+                // Each lane blocks in its own XREADGROUP: it needs its own connections.
+                let redis = if lane == 0 {
+                    redis.clone()
+                } else {
+                    match connect_redis(&config, &shutdown).await {
+                        Some(redis) => redis,
+                        None => break,
+                    }
+                };
+                let settings = Settings {
+                    consumer: lane_consumer(&config.consumer, lane),
+                    batch_size: config.batch_size,
+                    block: config.block,
+                    claim_idle: config.claim_idle,
+                    retry: config.retry,
+                };
+                let mut worker = Worker::new(redis, store.clone(), settings, shutdown.clone());
+                lanes.push(tokio::spawn(async move { worker.run().await }));
+            }
+            tracing::info!(
+                consumer = %config.consumer,
+                lanes = lanes.len(),
+                batch_size = config.batch_size,
+                "persister running"
+            );
+            for lane in lanes {
+                if let Err(e) = lane.await {
+                    tracing::error!(error = %e, "a worker lane failed");
+                }
+            }
         }
         // The worker only returns once shutdown fired; the tasks follow it.
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;
         Ok(())
+    }
+}
+
+/// The consumer name of lane `lane`: the configured name for the first
+/// lane, `<name>/<lane>` for the others (unique as long as names are).
+pub fn lane_consumer(consumer: &str, lane: usize) -> String {
+    if lane == 0 {
+        consumer.to_string()
+    } else {
+        format!("{consumer}/{lane}")
     }
 }
 
@@ -144,7 +191,7 @@ async fn connect_redis(config: &Config, shutdown: &CancellationToken) -> Option<
     }
 }
 
-/// Refreshes `persister_pending` and runs the recorder's upkeep.
+/// Refreshes the queue gauges and runs the recorder's upkeep.
 async fn refresh_gauges(
     mut commands: redis::aio::ConnectionManager,
     metrics: PrometheusHandle,
@@ -157,10 +204,35 @@ async fn refresh_gauges(
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        match worker::pending_count(&mut commands).await {
-            Ok(n) => metrics::gauge!("persister_pending").set(n as f64),
-            Err(e) => tracing::debug!(error = %e, "cannot read the pending count"),
+        match worker::queue_stats(&mut commands).await {
+            Ok(stats) => {
+                metrics::gauge!("persister_pending").set(stats.pending as f64);
+                metrics::gauge!("persister_stream_length").set(stats.length as f64);
+                metrics::gauge!("persister_oldest_pending_age_seconds").set(stats.oldest_age.as_secs_f64());
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the queue's lag"),
         }
         metrics.run_upkeep();
     }
+}
+
+/// `persister dead-letters list`: the oldest `limit` dead letters.
+pub async fn dead_letters_list(config: &Config, limit: usize) -> Result<Vec<DeadLetter>, Error> {
+    let mut conn = cli_connection(config).await?;
+    Ok(dead::list(&mut conn, limit).await?)
+}
+
+/// `persister dead-letters replay`: the given ids, or every dead letter
+/// when `ids` is `None`.
+pub async fn dead_letters_replay(config: &Config, ids: Option<&[String]>) -> Result<Vec<Replayed>, Error> {
+    let mut conn = cli_connection(config).await?;
+    Ok(match ids {
+        Some(ids) => dead::replay_ids(&mut conn, ids).await?,
+        None => dead::replay_all(&mut conn).await?,
+    })
+}
+
+async fn cli_connection(config: &Config) -> Result<redis::aio::MultiplexedConnection, Error> {
+    let client = redis::Client::open(config.redis_url.expose())?;
+    Ok(client.get_multiplexed_async_connection().await?)
 }

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use persister::{Config, LogFormat, Persister};
+use persister::{Config, LogFormat, Persister, Replayed};
 use tokio_util::sync::CancellationToken;
 
 const ENVIRONMENT: &str = "\
@@ -19,6 +19,11 @@ Environment:
   PERSISTER_BLOCK_MS        how long a read waits for new entries [default: 1000]
   PERSISTER_CLAIM_IDLE_MS   take over entries pending this long with another consumer
                             [default: 30000]
+  PERSISTER_MAX_DELIVERIES  an entry PostgreSQL refuses at this delivery moves to the
+                            dead-letter stream chat:dead, 1..=1000 [default: 5]
+  PERSISTER_RETRY_MS        wait before retrying a refused entry, doubling per delivery
+                            [default: 250]
+  PERSISTER_RETRY_MAX_MS    longest wait between two tries [default: 5000]
   PERSISTER_METRICS_LISTEN  address of GET /metrics and GET /healthz [default: 0.0.0.0:9091]
   PERSISTER_DB_POOL         PostgreSQL connections at most [default: 4]
   LOG_FORMAT                text | json (logs go to stderr) [default: text]
@@ -26,7 +31,12 @@ Environment:
 
 `run` prints one line to stdout once the metrics port is bound:
   metrics on <address>
-SIGTERM or SIGINT: finish and acknowledge the current batch, then exit 0.";
+SIGTERM or SIGINT: finish and acknowledge the current batch, then exit 0.
+
+`dead-letters list` prints one tab-separated line per dead letter, oldest first:
+  <dead-letter id> <reason> <deliveries> <kind> <chat> <message id>
+(`-` where a value is missing). `dead-letters replay` prints one line per letter:
+  replayed <dead-letter id> <new queue id> | missing <id> | empty <id>";
 
 /// Stores the chat queue (Redis Stream `chat:queue`) in PostgreSQL.
 #[derive(Parser)]
@@ -42,6 +52,33 @@ enum Command {
     Migrate,
     /// Consume `chat:queue` and store its jobs until stopped (the default).
     Run,
+    /// Show or replay the dead-letter stream `chat:dead` (uses REDIS_URL only).
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Print the oldest dead letters, one line each.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move dead letters back onto `chat:queue` with their original fields.
+    Replay {
+        /// The dead letter with this id (repeatable).
+        #[arg(
+            long = "id",
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Every dead letter present now.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[tokio::main]
@@ -61,6 +98,27 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(on_signal(shutdown.clone()));
             app.run_until_stopped(shutdown).await?;
+        }
+        Command::DeadLetters(DeadLetters::List { limit }) => {
+            for letter in persister::dead_letters_list(&config, limit).await? {
+                println!("{}", letter.summary_line());
+            }
+        }
+        Command::DeadLetters(DeadLetters::Replay { ids, all }) => {
+            let ids = (!all).then_some(ids.as_slice());
+            let outcomes = persister::dead_letters_replay(&config, ids).await?;
+            let mut queued = 0;
+            for outcome in &outcomes {
+                match outcome {
+                    Replayed::Queued { dead_id, queue_id } => {
+                        queued += 1;
+                        println!("replayed {dead_id} {queue_id}");
+                    }
+                    Replayed::Missing { dead_id } => println!("missing {dead_id}"),
+                    Replayed::Empty { dead_id } => println!("empty {dead_id}"),
+                }
+            }
+            tracing::info!(replayed = queued, of = outcomes.len(), "dead letters replayed");
         }
     }
     Ok(())

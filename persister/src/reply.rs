@@ -1,4 +1,5 @@
-//! Reads the replies of XREADGROUP, XAUTOCLAIM and XPENDING into plain data.
+//! Reads the replies of XREADGROUP, XAUTOCLAIM, XRANGE, XPENDING and TIME into
+//! plain data.
 //!
 //! Pure functions over `redis::Value`, so they are tested without a server and
 //! accept both RESP2 (arrays) and RESP3 (maps) shapes. They must never panic
@@ -105,6 +106,73 @@ pub fn pending_count(value: Value) -> Result<u64, ReplyError> {
     }
 }
 
+/// XRANGE / XREVRANGE: the entries, in the order returned.
+pub fn range(value: Value) -> Result<Vec<Entry>, ReplyError> {
+    entries_of("XRANGE", value)
+}
+
+/// One row of XPENDING's extended form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: String,
+    pub consumer: String,
+    /// Milliseconds since it was last delivered.
+    pub idle_ms: u64,
+    /// How often it was delivered (XREADGROUP, XCLAIM, XAUTOCLAIM).
+    pub deliveries: u64,
+}
+
+/// XPENDING extended form: `[[id, consumer, idle ms, deliveries], ...]`.
+pub fn pending_entries(value: Value) -> Result<Vec<Pending>, ReplyError> {
+    const CMD: &str = "XPENDING";
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(bad(CMD, format!("{other:?}"))),
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(row) = item else {
+                return Err(bad(CMD, "a row is not an array"));
+            };
+            let mut row = row.into_iter();
+            let (Some(id), Some(consumer), Some(idle), Some(deliveries), None) =
+                (row.next(), row.next(), row.next(), row.next(), row.next())
+            else {
+                return Err(bad(CMD, "a row is not [id, consumer, idle, deliveries]"));
+            };
+            Ok(Pending {
+                id: text(CMD, id)?,
+                consumer: text(CMD, consumer)?,
+                idle_ms: number(CMD, idle)?,
+                deliveries: number(CMD, deliveries)?,
+            })
+        })
+        .collect()
+}
+
+/// TIME: `[seconds, microseconds]`, as milliseconds since the epoch.
+pub fn time_millis(value: Value) -> Result<u64, ReplyError> {
+    const CMD: &str = "TIME";
+    let Value::Array(parts) = value else {
+        return Err(bad(CMD, "not an array"));
+    };
+    let mut parts = parts.into_iter();
+    let (Some(secs), Some(micros), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad(CMD, "not [seconds, microseconds]"));
+    };
+    let (secs, micros) = (number(CMD, secs)?, number(CMD, micros)?);
+    Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
+}
+
+fn number(command: &'static str, value: Value) -> Result<u64, ReplyError> {
+    match value {
+        Value::Int(n) => u64::try_from(n).map_err(|_| bad(command, "a negative number")),
+        other => text(command, other)?.parse().map_err(|_| bad(command, "not a number")),
+    }
+}
+
 fn entries_of(command: &'static str, value: Value) -> Result<Vec<Entry>, ReplyError> {
     let items = match value {
         Value::Array(items) => items,
@@ -163,7 +231,10 @@ fn text(command: &'static str, value: Value) -> Result<String, ReplyError> {
 /// Field names are ours and ASCII; a stray non-UTF-8 one is kept readable
 /// (the entry then fails to parse as a job and is dead-lettered).
 fn lossy(command: &'static str, value: Value) -> Result<String, ReplyError> {
-    Ok(String::from_utf8_lossy(&bytes(command, value)?).into_owned())
+    Ok(
+        String::from_utf8(bytes(command, value)?)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 #[cfg(test)]
@@ -242,6 +313,44 @@ mod tests {
         assert_eq!(claimed.next, "5-0");
         assert_eq!(claimed.entries[0].id, "4-0");
         assert_eq!(claimed.deleted, vec!["2-0"]);
+    }
+
+    #[test]
+    fn extended_pending_rows_give_delivery_counts() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("7-1"),
+            bulk("p1"),
+            Value::Int(1500),
+            Value::Int(3),
+        ])]);
+        assert_eq!(
+            pending_entries(reply).unwrap(),
+            vec![Pending {
+                id: "7-1".into(),
+                consumer: "p1".into(),
+                idle_ms: 1500,
+                deliveries: 3
+            }]
+        );
+        assert_eq!(pending_entries(Value::Array(vec![])).unwrap(), vec![]);
+        assert!(pending_entries(Value::Array(vec![Value::Array(vec![bulk("7-1")])])).is_err());
+        assert!(pending_entries(Value::Array(vec![Value::Array(vec![
+            bulk("7-1"),
+            bulk("p1"),
+            Value::Int(-1),
+            Value::Int(3)
+        ])]))
+        .is_err());
+    }
+
+    #[test]
+    fn time_is_read_as_milliseconds_and_ranges_as_entries() {
+        let reply = Value::Array(vec![bulk("1700000000"), bulk("123456")]);
+        assert_eq!(time_millis(reply).unwrap(), 1_700_000_000_123);
+        assert!(time_millis(Value::Array(vec![bulk("1")])).is_err());
+        let entries = range(Value::Array(vec![entry("1-0", &["a", "b"])])).unwrap();
+        assert_eq!(entries[0].id, "1-0");
+        assert_eq!(range(Value::Array(vec![])).unwrap(), vec![]);
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! Writes a batch of jobs to PostgreSQL in one transaction.
 //!
-//! Owns the connection pool and the three INSERT statements. Every write is
+//! Owns the connection pool and the write statements. Every write is
 //! idempotent, because the queue delivers at least once: messages and chats
 //! are inserted with `ON CONFLICT (id) DO NOTHING`, memberships are upserted
-//! keeping the highest `version`. Rows are passed as arrays and expanded with
-//! `UNNEST`, one statement per table per batch. This module knows nothing of
-//! Redis and never decides what is acknowledged: it only says whether a batch
-//! was committed and, when not, whether the data itself was refused
+//! keeping the highest `version`. Messages, nearly all of the volume, are
+//! sent with `COPY ... (FORMAT binary)` into a temporary table
+//! (`messages_in`, one per connection, emptied at each commit) and moved with
+//! one `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING`: the fastest
+//! idempotent way measured (docs/benchmarks-persister.md). Chats and members
+//! are passed as arrays and expanded with `UNNEST`. This module knows nothing
+//! of Redis and never decides what is acknowledged: it only says whether a
+//! batch was committed and, when not, whether the data itself was refused
 //! (`StoreError::is_data_error`) or PostgreSQL could not be reached.
 
 use std::collections::hash_map::Entry;
@@ -14,10 +18,25 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use bytes::{BufMut, Bytes, BytesMut};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use futures_util::SinkExt;
 use shared::queue::Job;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
+
+/// The per-connection staging table of `COPY`: like `messages` without its
+/// indexes, private to the session, emptied by every commit (and a rollback
+/// discards what was copied).
+const CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS messages_in
+    (id uuid, chat uuid, seq int8, sender uuid, recipient uuid, body text, ts int8)
+    ON COMMIT DELETE ROWS";
+const COPY_MESSAGES: &str = "COPY messages_in (id, chat, seq, sender, recipient, body, ts) FROM STDIN (FORMAT binary)";
+const INSERT_MESSAGES: &str = "INSERT INTO messages (id, chat, seq, sender, recipient, body, ts)
+    SELECT id, chat, seq, sender, recipient, body, ts FROM messages_in
+    ON CONFLICT (id) DO NOTHING";
+/// COPY data is sent in chunks of about this size.
+const COPY_CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -92,6 +111,9 @@ impl Store {
             },
         );
         let pool = Pool::builder(manager)
+            .post_create(Hook::async_fn(|client, _| {
+                Box::pin(async move { client.batch_execute(CREATE_STAGING).await.map_err(HookError::Backend) })
+            }))
             .max_size(max_connections)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(10)))
@@ -108,20 +130,16 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         if !rows.messages.id.is_empty() {
-            let m = &rows.messages;
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO messages (id, chat, seq, sender, recipient, body, ts)
-                     SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::uuid[],
-                                          $5::uuid[], $6::text[], $7::int8[])
-                     ON CONFLICT (id) DO NOTHING",
-                )
-                .await?;
-            tx.execute(
-                &stmt,
-                &[&m.id, &m.chat, &m.seq, &m.sender, &m.recipient, &m.body, &m.ts],
-            )
-            .await?;
+            let sink = tx.copy_in::<_, Bytes>(COPY_MESSAGES).await?;
+            futures_util::pin_mut!(sink);
+            let mut data = rows.messages.copy_binary();
+            while data.len() > COPY_CHUNK {
+                sink.send(data.split_to(COPY_CHUNK).freeze()).await?;
+            }
+            sink.send(data.freeze()).await?;
+            sink.finish().await?;
+            let stmt = tx.prepare_cached(INSERT_MESSAGES).await?;
+            tx.execute(&stmt, &[]).await?;
         }
         if !rows.chats.id.is_empty() {
             let c = &rows.chats;
@@ -165,29 +183,70 @@ impl Store {
 /// removed: PostgreSQL refuses to let one `ON CONFLICT` statement touch the
 /// same row twice ("cannot affect row a second time").
 #[derive(Debug, Default, PartialEq)]
-pub struct Rows {
-    pub messages: MessageRows,
-    pub chats: ChatRows,
+pub struct Rows<'a> {
+    pub messages: MessageRows<'a>,
+    pub chats: ChatRows<'a>,
     pub members: MemberRows,
 }
 
 #[derive(Debug, Default, PartialEq)]
-pub struct MessageRows {
+pub struct MessageRows<'a> {
     pub id: Vec<Uuid>,
     pub chat: Vec<Uuid>,
     pub seq: Vec<i64>,
     pub sender: Vec<Uuid>,
     pub recipient: Vec<Option<Uuid>>,
-    pub body: Vec<String>,
+    pub body: Vec<&'a str>,
     pub ts: Vec<i64>,
 }
 
+impl MessageRows<'_> {
+    /// The rows in PostgreSQL's binary COPY format, columns in the order of
+    /// `COPY_MESSAGES`: the 19-byte header, per row a 16-bit field count and
+    /// each field as a 32-bit length (-1 for NULL) and its bytes (uuid: 16,
+    /// int8: 8, big-endian; text: UTF-8), then the -1 trailer.
+    pub fn copy_binary(&self) -> BytesMut {
+        let bodies: usize = self.body.iter().map(|b| b.len()).sum();
+        let mut buf = BytesMut::with_capacity(21 + self.id.len() * (2 + 7 * 4 + 4 * 16 + 2 * 8) + bodies);
+        buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.put_i32(0); // flags
+        buf.put_i32(0); // header extension length
+        let uuid = |buf: &mut BytesMut, u: &Uuid| {
+            buf.put_i32(16);
+            buf.put_slice(u.as_bytes());
+        };
+        let int8 = |buf: &mut BytesMut, n: i64| {
+            buf.put_i32(8);
+            buf.put_i64(n);
+        };
+        for i in 0..self.id.len() {
+            buf.put_i16(7);
+            uuid(&mut buf, &self.id[i]);
+            uuid(&mut buf, &self.chat[i]);
+            int8(&mut buf, self.seq[i]);
+            uuid(&mut buf, &self.sender[i]);
+            match &self.recipient[i] {
+                Some(r) => uuid(&mut buf, r),
+                None => buf.put_i32(-1),
+            }
+            let body = self.body[i].as_bytes();
+            // A body is at most a few KiB (CHAT_MAX_BODY_BYTES); a length
+            // beyond i32 would be refused by PostgreSQL anyway.
+            buf.put_i32(i32::try_from(body.len()).unwrap_or(i32::MAX));
+            buf.put_slice(body);
+            int8(&mut buf, self.ts[i]);
+        }
+        buf.put_i16(-1);
+        buf
+    }
+}
+
 #[derive(Debug, Default, PartialEq)]
-pub struct ChatRows {
+pub struct ChatRows<'a> {
     pub id: Vec<Uuid>,
     pub kind: Vec<&'static str>,
-    pub title: Vec<String>,
-    pub visibility: Vec<String>,
+    pub title: Vec<&'a str>,
+    pub visibility: Vec<&'a str>,
     pub created_by: Vec<Uuid>,
     pub created_at: Vec<i64>,
 }
@@ -201,11 +260,11 @@ pub struct MemberRows {
     pub updated_at: Vec<i64>,
 }
 
-impl Rows {
+impl<'a> Rows<'a> {
     /// Messages and chats: the first job with an id wins (a later one is a
     /// redelivery, and the stored row would not change anyway). Memberships:
     /// per (chat, user) the highest `version` wins, the first on a tie.
-    pub fn from_jobs(jobs: &[Job]) -> Rows {
+    pub fn from_jobs(jobs: &'a [Job]) -> Rows<'a> {
         let mut rows = Rows::default();
         let mut message_ids = HashSet::new();
         let mut chat_ids = HashSet::new();
@@ -220,7 +279,7 @@ impl Rows {
                         r.seq.push(m.seq);
                         r.sender.push(m.from);
                         r.recipient.push(m.to);
-                        r.body.push(m.body.clone());
+                        r.body.push(&m.body);
                         r.ts.push(m.ts);
                     }
                 }
@@ -236,8 +295,8 @@ impl Rows {
                         let r = &mut rows.chats;
                         r.id.push(*chat);
                         r.kind.push(kind.as_str());
-                        r.title.push(title.clone());
-                        r.visibility.push(visibility.clone());
+                        r.title.push(title);
+                        r.visibility.push(visibility);
                         r.created_by.push(*created_by);
                         r.created_at.push(*ts);
                     }
@@ -306,7 +365,8 @@ mod tests {
     #[test]
     fn a_message_delivered_twice_in_one_batch_is_one_row() {
         let (a, b) = (Uuid::from_u128(10), Uuid::from_u128(11));
-        let rows = Rows::from_jobs(&[message(a, 1, "x"), message(b, 2, "y"), message(a, 1, "x")]);
+        let jobs = [message(a, 1, "x"), message(b, 2, "y"), message(a, 1, "x")];
+        let rows = Rows::from_jobs(&jobs);
         assert_eq!(rows.messages.id, vec![a, b]);
         assert_eq!(rows.messages.body, vec!["x", "y"]);
         assert_eq!(rows.messages.recipient, vec![None, None]);
@@ -322,7 +382,8 @@ mod tests {
             created_by: Uuid::from_u128(2),
             ts: 1,
         };
-        let rows = Rows::from_jobs(&[chat("first"), chat("second")]);
+        let jobs = [chat("first"), chat("second")];
+        let rows = Rows::from_jobs(&jobs);
         assert_eq!(rows.chats.id, vec![Uuid::from_u128(5)]);
         assert_eq!(rows.chats.title, vec!["first"]);
         assert_eq!(rows.chats.kind, vec!["group"]);
@@ -330,19 +391,68 @@ mod tests {
 
     #[test]
     fn membership_keeps_the_highest_version_whatever_the_order() {
-        let rows = Rows::from_jobs(&[
+        let jobs = [
             member(7, 2, false),
             member(8, 1, true),
             member(7, 3, true),
             member(7, 1, true),
             member(7, 3, false),
-        ]);
+        ];
+        let rows = Rows::from_jobs(&jobs);
         let m = &rows.members;
         assert_eq!(m.user, vec![Uuid::from_u128(7), Uuid::from_u128(8)]);
         assert_eq!(m.version, vec![3, 1]);
         // On a tie the first one seen stays.
         assert_eq!(m.active, vec![true, true]);
         assert_eq!(m.updated_at, vec![300, 100]);
+    }
+
+    #[test]
+    fn messages_encode_in_the_binary_copy_format() {
+        let recipient = Uuid::from_u128(0xabc);
+        let jobs = [
+            message(Uuid::from_u128(10), 7, "hé"),
+            Job::Message(Message {
+                id: Uuid::from_u128(11),
+                chat: Uuid::from_u128(1),
+                seq: -1,
+                from: Uuid::from_u128(2),
+                to: Some(recipient),
+                body: String::new(),
+                ts: 10,
+            }),
+        ];
+        let data = Rows::from_jobs(&jobs).messages.copy_binary();
+        let mut expected: Vec<u8> = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
+        let uuid = |out: &mut Vec<u8>, n: u128| {
+            out.extend(16i32.to_be_bytes());
+            out.extend(n.to_be_bytes());
+        };
+        let int8 = |out: &mut Vec<u8>, n: i64| {
+            out.extend(8i32.to_be_bytes());
+            out.extend(n.to_be_bytes());
+        };
+        // Row 1: no recipient (NULL), a two-byte character in the body.
+        expected.extend(7i16.to_be_bytes());
+        uuid(&mut expected, 10);
+        uuid(&mut expected, 1);
+        int8(&mut expected, 7);
+        uuid(&mut expected, 2);
+        expected.extend((-1i32).to_be_bytes());
+        expected.extend(3i32.to_be_bytes());
+        expected.extend("hé".as_bytes());
+        int8(&mut expected, 10);
+        // Row 2: a recipient, an empty body, a negative number.
+        expected.extend(7i16.to_be_bytes());
+        uuid(&mut expected, 11);
+        uuid(&mut expected, 1);
+        int8(&mut expected, -1);
+        uuid(&mut expected, 2);
+        uuid(&mut expected, 0xabc);
+        expected.extend(0i32.to_be_bytes());
+        int8(&mut expected, 10);
+        expected.extend((-1i16).to_be_bytes());
+        assert_eq!(&data[..], &expected[..]);
     }
 
     #[test]

@@ -3,39 +3,49 @@
 //!
 //! Owns the consumer-group protocol: creating the group, reading this
 //! consumer's own pending entries and then new ones, taking over entries left
-//! pending by dead consumers (XAUTOCLAIM), dead-lettering entries that are not
-//! jobs, and XACK + XDEL after commit. It must never acknowledge an entry
-//! before the transaction that stored it committed, and never drop one
-//! without a trace: every entry ends up stored, in `chat:dead`, or pending.
+//! pending by dead consumers (XAUTOCLAIM), retrying refused entries and
+//! dead-lettering them after PERSISTER_MAX_DELIVERIES, and XACK + XDEL after
+//! commit. It must never acknowledge an entry before the transaction that
+//! stored it committed, and never drop one without a trace: every entry ends
+//! up stored, in `chat:dead`, or pending.
 //!
 //! The stream holds only the backlog: an entry is deleted (XDEL) in the same
 //! MULTI as its XACK, so `XLEN chat:queue` is the number of entries not yet
-//! stored. This assumes the persisters' group is the stream's only reader.
+//! stored. Nothing trims the stream (no MAXLEN, no XTRIM): a trim could drop
+//! entries not yet stored. This assumes the persisters' group is the stream's
+//! only reader. See docs/queue.md.
+//!
+//! While the queue has a backlog (a read returned a full batch), the next
+//! batch is read from Redis while the current one is written to PostgreSQL.
 //!
 //! Failures:
 //! - Redis or PostgreSQL unreachable: nothing of the batch is acked; the
 //!   worker backs off (100 ms doubling to 5 s) and re-reads its own pending
 //!   entries, so the batch is retried as it was. Both connections reconnect by
-//!   themselves; the process never needs a restart.
-//! - An entry that does not parse as a job: copied to `chat:dead` with
-//!   `reason` and `source_id` fields, then acked, with a warning.
+//!   themselves; the process never needs a restart. Such failures never
+//!   dead-letter anything.
+//! - An entry that does not parse as a job: moved to `chat:dead` at once.
 //! - PostgreSQL refusing the data (constraint or encoding error): the batch is
 //!   split in halves until the refused entries are alone; everything else is
-//!   stored and acked. A refused entry is logged as an error and stays pending
-//!   (visible in XPENDING and the `persister_pending` gauge). Once it has been
-//!   idle for PERSISTER_CLAIM_IDLE_MS a persister claims it and tries again,
-//!   which raises its delivery count; nothing dead-letters it yet, so it stays
-//!   pending until it is fixed by hand or PostgreSQL accepts it.
+//!   stored and acked. A refused entry stays pending; its delivery count is
+//!   read from XPENDING, and `RetryPolicy` decides: below the limit, this
+//!   consumer claims it again (XCLAIM, which counts a delivery) after a
+//!   backoff; at the limit it is moved to `chat:dead` with the error text
+//!   (`dead::move_to_dead`, atomic).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use shared::queue::{Job, JobError, DEAD_LETTERS, GROUP, STREAM};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{write_isolating, Backoff, WriteBatch};
+use crate::dead::{self, DeadError, DeadLetter};
 use crate::reply::{self, Entry, ReplyError};
+use crate::retry::{stream_id_millis, RetryPolicy, RetrySchedule, Verdict};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +56,10 @@ pub enum WorkerError {
     Reply(#[from] ReplyError),
     #[error("storing a batch failed: {0}")]
     Store(#[from] StoreError),
+    #[error("dead-lettering failed: {0}")]
+    Dead(#[from] DeadError),
+    #[error("the read-ahead task failed: {0}")]
+    Task(String),
 }
 
 impl WorkerError {
@@ -66,13 +80,15 @@ pub struct Settings {
     pub block: Duration,
     /// Pending entries idle longer than this are taken over.
     pub claim_idle: Duration,
+    /// Retries of refused entries and the dead-letter limit.
+    pub retry: RetryPolicy,
 }
 
 /// The two Redis connections a worker uses. Each reconnects by itself.
 #[derive(Clone)]
 pub struct RedisConns {
-    /// For XREADGROUP ... BLOCK only: a blocked read holds its connection, so
-    /// it gets its own, with a response timeout longer than the block time.
+    /// For XREADGROUP only: a blocked read holds its connection, so it gets
+    /// its own, with a response timeout longer than the block time.
     pub reader: ConnectionManager,
     /// For everything else (ack, claim, dead letters, XPENDING).
     pub commands: ConnectionManager,
@@ -109,6 +125,9 @@ enum Phase {
     New,
 }
 
+/// A non-blocking read of new entries running while a batch is written.
+type ReadAhead = JoinHandle<Result<Vec<Entry>, WorkerError>>;
+
 /// One persister's consumer. Drive it with `run_once` (tests) or `run`.
 pub struct Worker {
     redis: RedisConns,
@@ -119,6 +138,8 @@ pub struct Worker {
     phase: Phase,
     claim_cursor: String,
     next_claim: Instant,
+    retries: RetrySchedule,
+    read_ahead: Option<ReadAhead>,
 }
 
 impl Worker {
@@ -134,6 +155,8 @@ impl Worker {
             phase: Phase::OwnPending { after: "0-0".into() },
             claim_cursor: "0-0".into(),
             next_claim: Instant::now(),
+            retries: RetrySchedule::default(),
+            read_ahead: None,
         }
     }
 
@@ -153,17 +176,30 @@ impl Worker {
                 }
             }
         }
+        // A batch read ahead is in hand too: store it before leaving.
+        if let Some(read_ahead) = self.read_ahead.take() {
+            if let Ok(Ok(entries)) = read_ahead.await {
+                if let Err(e) = self.handle(entries).await {
+                    tracing::warn!(error = %e, "the last batch was not stored; it stays pending");
+                }
+            }
+        }
         tracing::info!(consumer = %self.settings.consumer, "worker stopped");
     }
 
-    /// Handles one batch: claimed, own pending, or new entries (waiting up to
-    /// the block time for those). Returns how many entries it handled; `Ok(0)`
-    /// means there was nothing to do.
+    /// Handles one batch: own pending, due retries, claimed, or new entries
+    /// (waiting up to the block time for those). Returns how many entries it
+    /// handled; `Ok(0)` means there was nothing to do.
     pub async fn run_once(&mut self) -> Result<usize, WorkerError> {
         let result = self.step().await;
         if let Err(e) = &result {
             if e.is_no_group() {
                 self.group_ready = false;
+            }
+            // A read ahead is short (it never blocks): let it land, so what
+            // it read is in this consumer's pending list before that is re-read.
+            if let Some(read_ahead) = self.read_ahead.take() {
+                let _ = read_ahead.await;
             }
             // What this consumer read and did not ack is still pending for it:
             // read it again first, and rescan for claimable entries from the start.
@@ -188,22 +224,47 @@ impl Worker {
                 None => self.phase = Phase::New,
             }
         }
+        let due = self.retries.take_due(Instant::now(), self.settings.batch_size);
+        if !due.is_empty() {
+            let entries = self.reclaim(&due).await?;
+            return self.handle(entries).await;
+        }
         if Instant::now() >= self.next_claim {
             let claimed = self.claim().await?;
             if !claimed.is_empty() {
                 return self.handle(claimed).await;
             }
         }
-        let shutdown = self.shutdown.clone();
-        let block = self.settings.block;
-        // Cancelling a blocked read is safe: anything Redis delivered to it
-        // meanwhile stays pending for this consumer and is read at the next
-        // start or claimed by another persister.
-        let entries = tokio::select! {
-            read = self.read(">".into(), Some(block)) => read?,
-            _ = shutdown.cancelled() => return Ok(0),
+        let entries = match self.read_ahead.take() {
+            Some(read_ahead) => read_ahead.await.map_err(|e| WorkerError::Task(e.to_string()))??,
+            None => {
+                let shutdown = self.shutdown.clone();
+                let block = self.block_time();
+                // Cancelling a blocked read is safe: anything Redis delivered
+                // to it meanwhile stays pending for this consumer and is read
+                // at the next start or claimed by another persister.
+                tokio::select! {
+                    read = self.read(">".into(), Some(block)) => read?,
+                    _ = shutdown.cancelled() => return Ok(0),
+                }
+            }
         };
+        if entries.len() >= self.settings.batch_size && !self.shutdown.is_cancelled() {
+            self.start_read_ahead();
+        }
         self.handle(entries).await
+    }
+
+    /// The block time of a read of new entries: the setting, or less when a
+    /// retry falls due sooner (at least 1 ms: 0 would block forever).
+    fn block_time(&self) -> Duration {
+        let until_retry = self
+            .retries
+            .next_due()
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        until_retry
+            .map_or(self.settings.block, |d| d.min(self.settings.block))
+            .max(Duration::from_millis(1))
     }
 
     async fn create_group(&mut self) -> Result<(), WorkerError> {
@@ -225,7 +286,7 @@ impl Worker {
         }
     }
 
-    async fn read(&mut self, id: String, block: Option<Duration>) -> Result<Vec<Entry>, WorkerError> {
+    fn read_cmd(&self, id: &str, block: Option<Duration>) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
@@ -236,8 +297,40 @@ impl Worker {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
         cmd.arg("STREAMS").arg(STREAM).arg(id);
-        let value: Value = cmd.query_async(&mut self.redis.reader).await?;
+        cmd
+    }
+
+    async fn read(&mut self, id: String, block: Option<Duration>) -> Result<Vec<Entry>, WorkerError> {
+        let value: Value = self.read_cmd(&id, block).query_async(&mut self.redis.reader).await?;
         Ok(reply::read_group(value)?)
+    }
+
+    /// Reads the next batch of new entries in the background, without
+    /// blocking, while the current one is written.
+    fn start_read_ahead(&mut self) {
+        let cmd = self.read_cmd(">", None);
+        let mut reader = self.redis.reader.clone();
+        self.read_ahead = Some(tokio::spawn(async move {
+            let value: Value = cmd.query_async(&mut reader).await?;
+            Ok(reply::read_group(value)?)
+        }));
+    }
+
+    /// Delivers these pending entries to this consumer again (XCLAIM with
+    /// no idle minimum, which counts a delivery). Ids no longer pending
+    /// (stored or dead-lettered by someone else) are not returned.
+    async fn reclaim(&mut self, ids: &[String]) -> Result<Vec<Entry>, WorkerError> {
+        let value: Value = redis::cmd("XCLAIM")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg(&self.settings.consumer)
+            .arg(0)
+            .arg(ids)
+            .query_async(&mut self.redis.commands)
+            .await?;
+        let entries = reply::range(value)?;
+        tracing::debug!(asked = ids.len(), got = entries.len(), "retrying refused entries");
+        Ok(entries)
     }
 
     /// One XAUTOCLAIM step. A full scan of the pending list may take several
@@ -283,24 +376,26 @@ impl Worker {
 
         let mut ids = Vec::with_capacity(count);
         let mut jobs = Vec::with_capacity(count);
-        let mut dead = Vec::new();
+        let mut invalid = Vec::new();
         for entry in entries {
             match parse(entry) {
                 Ok((id, job)) => {
                     ids.push(id);
                     jobs.push(job);
                 }
-                Err(letter) => dead.push(letter),
+                Err(letter) => invalid.push(letter),
             }
-        }
-        if !dead.is_empty() {
-            self.dead_letter(&dead).await?;
         }
 
         let outcome = write_isolating(&self.store, &jobs).await;
         if !outcome.stored.is_empty() {
             let stored: Vec<&str> = outcome.stored.iter().map(|&i| ids[i].as_str()).collect();
             self.ack(&stored).await?;
+            if !self.retries.is_empty() {
+                for id in &stored {
+                    self.retries.remove(id);
+                }
+            }
             let mut per_kind = [("message", 0u64), ("chat", 0), ("member", 0)];
             for &i in &outcome.stored {
                 if let Some(slot) = per_kind.iter_mut().find(|(k, _)| *k == kind(&jobs[i])) {
@@ -311,18 +406,27 @@ impl Worker {
                 metrics::counter!("persister_jobs_stored_total", "kind" => kind).increment(n);
             }
         }
+
+        // Refused and invalid entries: decide from their delivery counts.
+        let mut failed: Vec<Failed> = invalid;
         for (i, e) in &outcome.rejected {
-            tracing::error!(
-                id = %ids[*i],
-                kind = kind(&jobs[*i]),
-                error = %e,
-                "PostgreSQL refused this entry; it stays pending and is retried after PERSISTER_CLAIM_IDLE_MS"
-            );
+            failed.push(Failed {
+                id: ids[*i].clone(),
+                class: "refused",
+                reason: e.to_string(),
+                retryable: true,
+            });
+        }
+        if !failed.is_empty() {
+            let ids: Vec<&str> = failed.iter().map(|f| f.id.as_str()).collect();
+            let deliveries = self.delivery_counts(&ids).await?;
+            for f in failed {
+                self.settle(f, &deliveries).await?;
+            }
         }
         tracing::debug!(
             read = count,
             stored = outcome.stored.len(),
-            dead_lettered = dead.len(),
             refused = outcome.rejected.len(),
             "handled a batch"
         );
@@ -330,6 +434,67 @@ impl Worker {
             Some(e) => Err(e.into()),
             None => Ok(count),
         }
+    }
+
+    /// Retries or dead-letters one refused or invalid entry.
+    async fn settle(&mut self, failed: Failed, deliveries: &HashMap<String, u64>) -> Result<(), WorkerError> {
+        let Some(&count) = deliveries.get(&failed.id) else {
+            // Not pending any more: another persister stored or dead-lettered it.
+            self.retries.remove(&failed.id);
+            tracing::debug!(id = %failed.id, "a refused entry is no longer pending");
+            return Ok(());
+        };
+        match decide(&self.settings.retry, failed.retryable, count) {
+            Verdict::Retry(wait) => {
+                metrics::counter!("persister_retries_total").increment(1);
+                tracing::warn!(
+                    id = %failed.id,
+                    deliveries = count,
+                    max_deliveries = self.settings.retry.max_deliveries,
+                    retry_in_ms = wait.as_millis() as u64,
+                    error = without_row(&failed.reason),
+                    "PostgreSQL refused this entry; retrying it"
+                );
+                self.retries.insert(failed.id, Instant::now() + wait);
+            }
+            Verdict::DeadLetter => {
+                self.retries.remove(&failed.id);
+                let letter = failed.into_letter(count);
+                match dead::move_to_dead(&mut self.redis.commands, &letter).await? {
+                    Some(dead_id) => {
+                        metrics::counter!("persister_dead_letters_total", "reason" => letter.class.clone())
+                            .increment(1);
+                        tracing::warn!(
+                            id = %letter.source_id,
+                            dead_id = %dead_id,
+                            class = %letter.class,
+                            deliveries = count,
+                            reason = without_row(&letter.reason),
+                            "moved an entry to the dead-letter stream {DEAD_LETTERS}"
+                        );
+                    }
+                    None => tracing::debug!(id = %letter.source_id, "already stored or dead-lettered elsewhere"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The delivery count of each id still pending in the group (XPENDING
+    /// with a one-id range, pipelined); ids not pending are absent.
+    async fn delivery_counts(&mut self, ids: &[&str]) -> Result<HashMap<String, u64>, WorkerError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XPENDING").arg(STREAM).arg(GROUP).arg(*id).arg(*id).arg(1);
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.redis.commands).await?;
+        let mut counts = HashMap::with_capacity(ids.len());
+        for value in replies {
+            for row in reply::pending_entries(value)? {
+                counts.insert(row.id, row.deliveries);
+            }
+        }
+        Ok(counts)
     }
 
     async fn ack(&mut self, ids: &[&str]) -> Result<(), WorkerError> {
@@ -348,84 +513,182 @@ impl Worker {
             .await?;
         Ok(())
     }
+}
 
-    /// Copies each entry to the dead-letter stream and acks it, atomically.
-    async fn dead_letter(&mut self, letters: &[DeadLetter]) -> Result<(), WorkerError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for letter in letters {
-            let xadd = pipe.cmd("XADD").arg(DEAD_LETTERS).arg("*");
-            for (field, value) in &letter.fields {
-                xadd.arg(field).arg(value);
-            }
-            xadd.arg("reason")
-                .arg(&letter.reason)
-                .arg("source_id")
-                .arg(&letter.id)
-                .ignore();
-        }
-        let ids: Vec<&str> = letters.iter().map(|l| l.id.as_str()).collect();
-        pipe.cmd("XACK").arg(STREAM).arg(GROUP).arg(&ids).ignore();
-        pipe.cmd("XDEL").arg(STREAM).arg(&ids).ignore();
-        pipe.query_async::<()>(&mut self.redis.commands).await?;
-        for letter in letters {
-            metrics::counter!("persister_dead_letters_total", "reason" => letter.label).increment(1);
-            tracing::warn!(
-                id = %letter.id,
-                reason = %letter.reason,
-                dead_letters = DEAD_LETTERS,
-                "entry is not a valid job; moved to the dead-letter stream"
-            );
-        }
-        Ok(())
+/// An error text for the logs: PostgreSQL's "Failing row contains (...)"
+/// detail would copy a message body into them, so it is cut (the dead
+/// letter keeps the full text).
+fn without_row(reason: &str) -> &str {
+    match reason.find(" DETAIL: Failing row contains") {
+        Some(at) => &reason[..at],
+        None => reason,
     }
 }
 
-/// The group's pending count (all consumers), for the `persister_pending` gauge.
-pub async fn pending_count(commands: &mut ConnectionManager) -> Result<u64, WorkerError> {
-    let value: Value = redis::cmd("XPENDING")
+/// Whether an entry that failed at its `deliveries`-th delivery is tried
+/// again: an entry that is not a job never will be.
+fn decide(policy: &RetryPolicy, retryable: bool, deliveries: u64) -> Verdict {
+    if retryable {
+        policy.verdict(deliveries)
+    } else {
+        Verdict::DeadLetter
+    }
+}
+
+/// What `/metrics` shows about the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    /// Entries delivered to some persister and not yet acked (XPENDING).
+    pub pending: u64,
+    /// Entries in the stream: not yet stored, delivered or not (XLEN).
+    pub length: u64,
+    /// Age of the oldest entry in the stream, by the Redis clock (0 when empty).
+    pub oldest_age: Duration,
+}
+
+/// Reads the queue's lag in one round trip: XPENDING (summary), XLEN, the
+/// first entry's id (XRANGE - + COUNT 1) and the Redis clock (TIME).
+///
+/// The age is that of the first entry in the stream rather than of the
+/// first pending one: entries are deleted once stored, so the first entry is
+/// the oldest job not yet stored, whether or not a persister has read it.
+pub async fn queue_stats(commands: &mut ConnectionManager) -> Result<QueueStats, WorkerError> {
+    let (summary, length, first, time): (Value, u64, Value, Value) = redis::pipe()
+        .cmd("XPENDING")
         .arg(STREAM)
         .arg(GROUP)
+        .cmd("XLEN")
+        .arg(STREAM)
+        .cmd("XRANGE")
+        .arg(STREAM)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .cmd("TIME")
         .query_async(commands)
         .await?;
-    Ok(reply::pending_count(value)?)
+    let pending = reply::pending_count(summary)?;
+    let first = reply::range(first)?;
+    let now_ms = reply::time_millis(time)?;
+    Ok(QueueStats {
+        pending,
+        length,
+        oldest_age: oldest_age(now_ms, first.first().map(|e| e.id.as_str())),
+    })
 }
 
-/// An entry that is not a job, on its way to `chat:dead`.
+/// `now_ms` minus the milliseconds part of `first_id`; zero without an
+/// entry or when the id is from the future (clock stepped back).
+fn oldest_age(now_ms: u64, first_id: Option<&str>) -> Duration {
+    first_id
+        .and_then(stream_id_millis)
+        .map_or(Duration::ZERO, |ms| Duration::from_millis(now_ms.saturating_sub(ms)))
+}
+
+/// An entry that was not stored and will not be retried as part of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct DeadLetter {
+struct Failed {
     id: String,
-    fields: Vec<(String, Vec<u8>)>,
-    /// The metrics label: a fixed word per kind of failure.
-    label: &'static str,
+    /// The metrics label and dead letter `class`: a fixed word.
+    class: &'static str,
     /// The full message, stored in the dead letter's `reason` field.
     reason: String,
+    /// PostgreSQL refused it (retry up to the limit); otherwise it is not a
+    /// job and never will be.
+    retryable: bool,
 }
 
-fn parse(entry: Entry) -> Result<(String, Job), DeadLetter> {
-    let Some(fields) = entry.fields else {
-        return Err(DeadLetter {
-            id: entry.id,
+impl Failed {
+    fn into_letter(self, deliveries: u64) -> DeadLetter {
+        DeadLetter {
+            id: String::new(),
+            reason: self.reason,
+            class: self.class.to_string(),
+            source_id: self.id,
+            deliveries: Some(deliveries),
+            // The dead-letter script copies them from the queue.
             fields: Vec::new(),
-            label: "deleted",
+        }
+    }
+}
+
+/// An entry as a job, or as an entry that is not one.
+fn parse(entry: Entry) -> Result<(String, Job), Failed> {
+    let Some(fields) = entry.fields else {
+        return Err(Failed {
+            id: entry.id,
+            class: "deleted",
             reason: "the entry was deleted from the stream while pending".into(),
+            retryable: false,
         });
     };
-    let map = fields.iter().cloned().collect();
+    let mut fields = fields;
+    if let Some(job) = message_fast(&mut fields) {
+        return Ok((entry.id, job));
+    }
+    let map = fields.into_iter().collect();
     match Job::from_fields(&map) {
         Ok(job) => Ok((entry.id, job)),
-        Err(e) => Err(DeadLetter {
+        Err(e) => Err(Failed {
             id: entry.id,
-            label: match e {
+            class: match e {
                 JobError::Version(_) => "version",
                 JobError::Missing(_) => "missing",
                 JobError::Invalid { .. } => "invalid",
                 JobError::Kind(_) => "kind",
             },
             reason: e.to_string(),
-            fields,
+            retryable: false,
         }),
     }
+}
+
+/// The common case without building a map: a well-formed version-1 message
+/// job (the body is moved, not copied). `None` for anything else (another
+/// kind, a missing, repeated or malformed field), which then goes through
+/// `Job::from_fields`, the reference parser, which also names the error.
+/// Where it returns a job, it is the job `Job::from_fields` returns (tested).
+fn message_fast(fields: &mut [(String, Vec<u8>)]) -> Option<Job> {
+    const NAMES: [&str; 9] = ["v", "kind", "id", "chat", "seq", "from", "to", "body", "ts"];
+    let mut at = [usize::MAX; 9];
+    for (i, (name, _)) in fields.iter().enumerate() {
+        if let Some(slot) = NAMES.iter().position(|n| n == name) {
+            if at[slot] != usize::MAX {
+                return None; // repeated: the reference parser decides
+            }
+            at[slot] = i;
+        }
+    }
+    if at.contains(&usize::MAX) {
+        return None;
+    }
+    let text = |slot: usize| std::str::from_utf8(&fields[at[slot]].1).ok();
+    if text(0)? != shared::queue::FORMAT_VERSION || text(1)? != "message" {
+        return None;
+    }
+    let to = match text(6)? {
+        "" => None,
+        t => Some(t.parse().ok()?),
+    };
+    let (id, chat, seq, from, ts) = (
+        text(2)?.parse().ok()?,
+        text(3)?.parse().ok()?,
+        text(4)?.parse().ok()?,
+        text(5)?.parse().ok()?,
+        text(8)?.parse().ok()?,
+    );
+    text(7)?;
+    let body = String::from_utf8(std::mem::take(&mut fields[at[7]].1)).ok()?;
+    Some(Job::Message(shared::protocol::Message {
+        id,
+        chat,
+        seq,
+        from,
+        to,
+        body,
+        ts,
+    }))
 }
 
 fn kind(job: &Job) -> &'static str {
