@@ -7,6 +7,7 @@ mod harness_smoke;
 mod auth;
 mod bad_input;
 mod cache;
+mod drain;
 mod faults;
 mod group;
 mod idempotency;
