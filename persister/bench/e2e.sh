@@ -15,8 +15,12 @@
 # deleted). Then the same rows are written with a plain binary COPY into a
 # fresh migrated database (ladder copy), in the same run. Prints one line per
 # run and the medians. Extra persister settings pass through the environment
-# (PERSISTER_BATCH_SIZE, ...).
+# (PERSISTER_BATCH_SIZE, ...); IDS=v4 queues random message ids instead of
+# time-ordered ones; NICE=-10 runs the persisters and the COPY client at that
+# priority (on a machine shared with other work; renice the servers too).
 set -euo pipefail
+PRIO=()
+[ -z "${NICE:-}" ] || PRIO=(nice -n "$NICE")
 JOBS=${1:-300000}
 PERSISTERS=${2:-1}
 RUNS=${3:-3}
@@ -41,12 +45,12 @@ pids=()
 cleanup() { [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup EXIT
 
-echo "jobs=$JOBS persisters=$PERSISTERS batch=${PERSISTER_BATCH_SIZE:-default} cores=$(nproc) log=$LOG"
+echo "jobs=$JOBS persisters=$PERSISTERS batch=${PERSISTER_BATCH_SIZE:-default} concurrency=${PERSISTER_CONCURRENCY:-default} ids=${IDS:-v7} cores=$(nproc) log=$LOG"
 persister_rates=() copy_rates=()
 for run in $(seq 1 "$RUNS"); do
     fresh_db persister_bench
     redis-cli -u "$REDIS_URL" DEL chat:queue chat:dead >/dev/null
-    REDIS_URL="$REDIS_URL" "$BIN/examples/ladder" fill --jobs "$JOBS" 2>>"$LOG"
+    REDIS_URL="$REDIS_URL" "$BIN/examples/ladder" --ids "${IDS:-v7}" fill --jobs "$JOBS" 2>>"$LOG"
     queued=$(redis-cli -u "$REDIS_URL" XLEN chat:queue)
     [ "$queued" = "$JOBS" ] || { echo "queued $queued, expected $JOBS" >&2; exit 1; }
 
@@ -54,7 +58,7 @@ for run in $(seq 1 "$RUNS"); do
     pids=()
     for i in $(seq 1 "$PERSISTERS"); do
         (REDIS_URL="$REDIS_URL" DATABASE_URL="$PG_URL/persister_bench" PERSISTER_CONSUMER="bench$i" \
-            PERSISTER_METRICS_LISTEN=127.0.0.1:0 RUST_LOG=warn exec "$BIN/persister" run >/dev/null 2>>"$LOG") &
+            PERSISTER_METRICS_LISTEN=127.0.0.1:0 RUST_LOG=warn exec "${PRIO[@]}" "$BIN/persister" run >/dev/null 2>>"$LOG") &
         pids+=($!)
     done
     while [ "$(redis-cli -u "$REDIS_URL" XLEN chat:queue)" != 0 ]; do sleep 0.02; done
@@ -73,7 +77,7 @@ for run in $(seq 1 "$RUNS"); do
     p_rate=$(echo "$JOBS / $secs" | bc -l)
 
     fresh_db persister_bench_copy
-    c_line=$(DATABASE_URL="$PG_URL/persister_bench_copy" "$BIN/examples/ladder" copy --jobs "$JOBS" \
+    c_line=$(DATABASE_URL="$PG_URL/persister_bench_copy" "${PRIO[@]}" "$BIN/examples/ladder" --ids "${IDS:-v7}" copy --jobs "$JOBS" \
         --batch "${PERSISTER_BATCH_SIZE:-1000}" 2>>"$LOG")
     c_rate=$(echo "$c_line" | awk '{print $(NF-1)}')
     printf 'run %d: persister %.2f s = %.0f rows/s (persister CPU %.2f s); plain COPY %.0f rows/s; persister/COPY %.0f%%; load %s\n' \

@@ -16,8 +16,9 @@
 //! ```
 //!
 //! Rows: 100-byte bodies, UUIDv7 ids (time-ordered, as the gateway makes
-//! them), 1,000 chats with increasing seq, half of them private (with a
-//! recipient). Generated before the clock starts.
+//! them; `--ids v4` for random ones, as a client may send), 1,000 chats with
+//! increasing seq, half of them private (with a recipient). Generated before
+//! the clock starts.
 
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,18 @@ use uuid::Uuid;
 
 #[derive(Parser)]
 struct Cli {
+    /// Message ids: `v7` (time-ordered, as the gateway makes them) or `v4`
+    /// (random, as a client may send them).
+    #[arg(long, global = true, default_value = "v7")]
+    ids: Ids,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Ids {
+    V7,
+    V4,
 }
 
 #[derive(Subcommand)]
@@ -70,20 +81,22 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let ids = cli.ids;
+    match cli.command {
         Cmd::Methods {
             rows,
             single_rows,
             batch,
             only,
-        } => methods(rows, single_rows, batch, &only).await,
-        Cmd::Fill { jobs } => fill(jobs).await,
-        Cmd::Copy { jobs, batch } => copy(jobs, batch).await,
+        } => methods(ids, rows, single_rows, batch, &only).await,
+        Cmd::Fill { jobs } => fill(ids, jobs).await,
+        Cmd::Copy { jobs, batch } => copy(ids, jobs, batch).await,
     }
 }
 
 /// The same `n` message jobs on every call.
-fn jobs(n: usize) -> Vec<Job> {
+fn jobs(ids: Ids, n: usize) -> Vec<Job> {
     const CHATS: u64 = 1000;
     let base_ms: u64 = 1_780_000_000_000;
     let body_pad = "x".repeat(100);
@@ -91,11 +104,14 @@ fn jobs(n: usize) -> Vec<Job> {
         .map(|i| {
             let r = splitmix(i);
             let random = (r as u128) << 64 | splitmix(r) as u128;
-            let id = uuid::Builder::from_unix_timestamp_millis(
-                base_ms + i / 64,
-                &random.to_le_bytes()[..10].try_into().unwrap(),
-            )
-            .into_uuid();
+            let bytes = random.to_le_bytes();
+            let id = match ids {
+                Ids::V7 => {
+                    uuid::Builder::from_unix_timestamp_millis(base_ms + i / 64, &bytes[..10].try_into().unwrap())
+                        .into_uuid()
+                }
+                Ids::V4 => uuid::Builder::from_random_bytes(bytes).into_uuid(),
+            };
             let chat_no = i % CHATS;
             let mut body = format!("message {i} ");
             body.push_str(&body_pad[..100 - body.len()]);
@@ -142,9 +158,9 @@ async fn connect() -> anyhow::Result<Client> {
 
 const INIT_SQL: &str = include_str!("../../migrations/0001_init.sql");
 
-async fn methods(rows: usize, single_rows: usize, batch: usize, only: &str) -> anyhow::Result<()> {
+async fn methods(ids: Ids, rows: usize, single_rows: usize, batch: usize, only: &str) -> anyhow::Result<()> {
     let client = connect().await?;
-    let all = jobs(rows.max(single_rows));
+    let all = jobs(ids, rows.max(single_rows));
     println!("| method | rows | rows per transaction | seconds | rows/s |");
     println!("|---|---:|---:|---:|---:|");
     for method in only.split(',') {
@@ -286,10 +302,10 @@ async fn copy_into(client: &Client, table: &str, data: Bytes) -> anyhow::Result<
     Ok(())
 }
 
-async fn fill(n: usize) -> anyhow::Result<()> {
+async fn fill(ids: Ids, n: usize) -> anyhow::Result<()> {
     let url = std::env::var("REDIS_URL").context("set REDIS_URL")?;
     let mut conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
-    let all = jobs(n);
+    let all = jobs(ids, n);
     let started = Instant::now();
     for chunk in all.chunks(1000) {
         let mut pipe = redis::pipe();
@@ -306,9 +322,9 @@ async fn fill(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn copy(n: usize, batch: usize) -> anyhow::Result<()> {
+async fn copy(ids: Ids, n: usize, batch: usize) -> anyhow::Result<()> {
     let client = connect().await?;
-    let all = jobs(n);
+    let all = jobs(ids, n);
     let started = Instant::now();
     for chunk in all.chunks(batch) {
         let rows = Rows::from_jobs(chunk);

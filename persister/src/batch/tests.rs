@@ -150,3 +150,43 @@ fn backoff_doubles_to_its_cap_and_resets() {
     b.reset();
     assert_eq!(b.next_delay(), Duration::from_millis(100));
 }
+
+/// The retry path as the worker drives it: the first batch stores all but
+/// the poison job; later batches of new jobs are stored whole while the
+/// poison job is retried alone (one write per try) until the policy
+/// dead-letters it at the delivery limit.
+#[tokio::test]
+async fn a_poison_job_never_holds_back_the_others_and_is_given_up_at_the_limit() {
+    use crate::retry::{RetryPolicy, Verdict};
+
+    let store = FakeStore::new(&[3]);
+    let all = jobs(40);
+    let policy = RetryPolicy::default();
+
+    // Delivery 1: the batch it came in.
+    let out = write_isolating(&store, &all[..16]).await;
+    assert_eq!(out.stored.len(), 15);
+    assert_eq!(out.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [3]);
+    let poison = all[3].clone();
+    let mut deliveries = 1;
+    let mut waited = Duration::ZERO;
+    let mut new_jobs = all[16..].chunks(8);
+    while let Verdict::Retry(wait) = policy.verdict(deliveries) {
+        waited += wait;
+        // Meanwhile new jobs keep flowing, untouched by the poison job.
+        if let Some(batch) = new_jobs.next() {
+            let calls = store.calls.borrow().len();
+            let out = write_isolating(&store, batch).await;
+            assert_eq!(out.stored.len(), batch.len());
+            assert_eq!(store.calls.borrow().len(), calls + 1, "a clean batch is one write");
+        }
+        // The retry: the poison job alone, one write.
+        let calls = store.calls.borrow().len();
+        let out = write_isolating(&store, std::slice::from_ref(&poison)).await;
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(store.calls.borrow().len(), calls + 1);
+        deliveries += 1;
+    }
+    assert_eq!(deliveries, policy.max_deliveries);
+    assert_eq!(waited, Duration::from_millis(250 + 500 + 1000 + 2000));
+}
