@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use shared::codec::{decode_client, Encoding};
 use shared::ids::ChatId;
 use shared::protocol::{close, ErrorCode, ServerEvent};
@@ -28,6 +28,15 @@ use crate::Services;
 
 /// Frames written per flush when the queue has a backlog.
 const WRITE_BATCH: usize = 64;
+/// How long writing a Close frame, or closing, may take.
+const CLOSE_WRITE: Duration = Duration::from_secs(1);
+/// How long to wait for the client's Close after ours (outside a drain).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// At most this many already-received frames are answered during a drain,
+/// for at most this long; what the client sent later is not accepted (it
+/// resends with the same ids to another node).
+const DRAIN_FRAMES: usize = 10_000;
+const DRAIN_ANSWERING: Duration = Duration::from_secs(1);
 
 pub struct Session {
     pub(super) svc: Arc<Services>,
@@ -106,13 +115,53 @@ impl Session {
         };
         if let Flow::Close(code, reason) = flow {
             metrics::counter!("gateway_closes_total", "code" => code.to_string()).increment(1);
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                let _ = sink.send(WsMessage::close_with(code, reason)).await;
-                let _ = sink.close().await;
+            // A draining node has its grace period; keep a fifth of it spare
+            // for the server itself. Otherwise the close takes at most a few seconds.
+            let deadline = if code == close::GOING_AWAY {
+                Instant::now() + self.svc.config.drain.mul_f32(0.8)
+            } else {
+                Instant::now() + CLOSE_LINGER
+            };
+            if code == close::GOING_AWAY {
+                // Events the client sent before it could know we are leaving
+                // get their answers (ack or error) before the Close frame.
+                let answering = (Instant::now() + DRAIN_ANSWERING).min(deadline);
+                self.answer_received(&mut stream, &mut sink, answering).await;
+            }
+            let _ = tokio::time::timeout(CLOSE_WRITE, sink.send(WsMessage::close_with(code, reason))).await;
+            // Read, and drop, until the client's Close: closing a socket with
+            // unread bytes makes the kernel send a reset, which would discard
+            // the acks and the Close frame still on their way to the client.
+            let _ = tokio::time::timeout_at(deadline, async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                }
             })
             .await;
+            let _ = tokio::time::timeout(CLOSE_WRITE, sink.close()).await;
         }
         metrics::gauge!("gateway_connections").decrement(1.0);
+    }
+
+    /// Handles the frames already received and readable now, without waiting
+    /// for more, until `until` (a client that keeps sending is cut off). An
+    /// event started is finished: an accepted send always gets its ack.
+    async fn answer_received(&mut self, stream: &mut SplitStream<WebSocket>, sink: &mut Sink, until: Instant) {
+        for _ in 0..DRAIN_FRAMES {
+            if Instant::now() >= until {
+                return;
+            }
+            match stream.next().now_or_never() {
+                Some(Some(Ok(msg))) if !msg.is_close() => {
+                    if !matches!(self.on_frame(msg, sink).await, Flow::Continue) {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
     }
 
     async fn on_frame(&mut self, msg: WsMessage, sink: &mut Sink) -> Flow {
