@@ -39,6 +39,22 @@ fresh_db() { # name
     psql -q "$PG_URL/$1" -c CHECKPOINT >/dev/null
 }
 
+# CPU seconds (user + system) used so far by these processes.
+cpu_of() {
+    local total=0 pid
+    for pid in "$@"; do
+        [ -r "/proc/$pid/stat" ] || continue
+        total=$(echo "$total + $(awk '{print $14 + $15}' "/proc/$pid/stat") / $(getconf CLK_TCK)" | bc -l)
+    done
+    echo "$total"
+}
+
+# CPU seconds used so far by the Redis server (INFO cpu).
+redis_cpu() {
+    redis-cli -u "$REDIS_URL" INFO cpu | tr -d '\r' |
+        awk -F: '$1 == "used_cpu_sys" || $1 == "used_cpu_user" {t += $2} END {print t}'
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 pids=()
@@ -54,6 +70,7 @@ for run in $(seq 1 "$RUNS"); do
     queued=$(redis-cli -u "$REDIS_URL" XLEN chat:queue)
     [ "$queued" = "$JOBS" ] || { echo "queued $queued, expected $JOBS" >&2; exit 1; }
 
+    redis_cpu0=$(redis_cpu)
     start=$(date +%s.%N)
     pids=()
     for i in $(seq 1 "$PERSISTERS"); do
@@ -63,11 +80,14 @@ for run in $(seq 1 "$RUNS"); do
     done
     while [ "$(redis-cli -u "$REDIS_URL" XLEN chat:queue)" != 0 ]; do sleep 0.02; done
     end=$(date +%s.%N)
-    cpu=0
-    for pid in "${pids[@]}"; do
-        ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-        cpu=$(echo "$cpu + $ticks / $(getconf CLK_TCK)" | bc -l)
-    done
+    redis_cpu1=$(redis_cpu)
+    cpu=$(cpu_of "${pids[@]}")
+    # The persisters' PostgreSQL backends (same machine), before they exit.
+    backends=$(psql -At "$PG_URL/postgres" -c \
+        "SELECT pid FROM pg_stat_activity WHERE datname = 'persister_bench' AND application_name = 'persister'")
+    # shellcheck disable=SC2086
+    pg_cpu=$(cpu_of $backends)
+    r_cpu=$(echo "$redis_cpu1 - $redis_cpu0" | bc -l)
     kill "${pids[@]}"
     wait "${pids[@]}" || true
     pids=()
@@ -80,8 +100,11 @@ for run in $(seq 1 "$RUNS"); do
     c_line=$(DATABASE_URL="$PG_URL/persister_bench_copy" "${PRIO[@]}" "$BIN/examples/ladder" --ids "${IDS:-v7}" copy --jobs "$JOBS" \
         --batch "${PERSISTER_BATCH_SIZE:-1000}" 2>>"$LOG")
     c_rate=$(echo "$c_line" | awk '{print $(NF-1)}')
-    printf 'run %d: persister %.2f s = %.0f rows/s (persister CPU %.2f s); plain COPY %.0f rows/s; persister/COPY %.0f%%; load %s\n' \
-        "$run" "$secs" "$p_rate" "$cpu" "$c_rate" "$(echo "100 * $p_rate / $c_rate" | bc -l)" "$(cut -d' ' -f1 /proc/loadavg)"
+    printf 'run %d: persister %.2f s = %.0f rows/s; plain COPY %.0f rows/s; persister/COPY %.0f%%; load %s\n' \
+        "$run" "$secs" "$p_rate" "$c_rate" "$(echo "100 * $p_rate / $c_rate" | bc -l)" "$(cut -d' ' -f1 /proc/loadavg)"
+    us() { echo "1000000 * $1 / $JOBS" | bc -l; }
+    printf '       CPU per job: persister %.1f us, PostgreSQL backends %.1f us, Redis %.1f us; 2 cores / total = %.0f jobs/s\n' \
+        "$(us "$cpu")" "$(us "$pg_cpu")" "$(us "$r_cpu")" "$(echo "2 * $JOBS / ($cpu + $pg_cpu + $r_cpu)" | bc -l)"
     persister_rates+=("$p_rate") copy_rates+=("$c_rate")
 done
 pm=$(printf '%s\n' "${persister_rates[@]}" | median)

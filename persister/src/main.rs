@@ -22,6 +22,8 @@ Environment:
   PERSISTER_CONSUMER        consumer name in group `persisters`, unique per live process
                             [default: <hostname>-<pid>]
   PERSISTER_BATCH_SIZE      entries per read and per transaction, 1..=10000 [default: 1000]
+  PERSISTER_CONCURRENCY     batches in flight at once, each by a consumer of its own
+                            (<consumer>, <consumer>/1, ...), 1..=32 [default: 2]
   PERSISTER_BLOCK_MS        how long a read waits for new entries [default: 1000]
   PERSISTER_CLAIM_IDLE_MS   take over entries pending this long with another consumer
                             [default: 30000]

@@ -2,16 +2,18 @@
 //!
 //! Owns the connection pool and the write statements. Every write is
 //! idempotent, because the queue delivers at least once: messages and chats
-//! are inserted with `ON CONFLICT (id) DO NOTHING`, memberships are upserted
-//! keeping the highest `version`. Messages, nearly all of the volume, are
-//! sent with `COPY ... (FORMAT binary)` into a temporary table
-//! (`messages_in`, one per connection, emptied at each commit) and moved with
-//! one `INSERT ... SELECT ... ON CONFLICT (id) DO NOTHING`: the fastest
-//! idempotent way measured (docs/benchmarks-persister.md). Chats and members
-//! are passed as arrays and expanded with `UNNEST`. This module knows nothing
-//! of Redis and never decides what is acknowledged: it only says whether a
-//! batch was committed and, when not, whether the data itself was refused
-//! (`StoreError::is_data_error`) or PostgreSQL could not be reached.
+//! are inserted with `ON CONFLICT (id) DO NOTHING` semantics, memberships
+//! are upserted keeping the highest `version`. Messages, nearly all of the
+//! volume, are sent with `COPY ... (FORMAT binary)`: first straight into
+//! `messages`, which fails as a whole if one of them is stored already; then,
+//! only in that case, into a temporary table (`messages_in`, one per
+//! connection, emptied at each commit) moved with one `INSERT ... SELECT ...
+//! ON CONFLICT (id) DO NOTHING`. Measured in docs/benchmarks-persister.md.
+//! Chats and members are passed as arrays and expanded with `UNNEST`. This
+//! module knows nothing of Redis and never decides what is acknowledged: it
+//! only says whether a batch was committed and, when not, whether the data
+//! itself was refused (`StoreError::is_data_error`) or PostgreSQL could not
+//! be reached.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -31,6 +33,8 @@ use uuid::Uuid;
 const CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS messages_in
     (id uuid, chat uuid, seq int8, sender uuid, recipient uuid, body text, ts int8)
     ON COMMIT DELETE ROWS";
+const COPY_MESSAGES_DIRECT: &str =
+    "COPY messages (id, chat, seq, sender, recipient, body, ts) FROM STDIN (FORMAT binary)";
 const COPY_MESSAGES: &str = "COPY messages_in (id, chat, seq, sender, recipient, body, ts) FROM STDIN (FORMAT binary)";
 const INSERT_MESSAGES: &str = "INSERT INTO messages (id, chat, seq, sender, recipient, body, ts)
     SELECT id, chat, seq, sender, recipient, body, ts FROM messages_in
@@ -125,43 +129,85 @@ impl Store {
     }
 
     /// Stores `jobs` in one transaction; on error nothing was stored.
+    ///
+    /// Messages are first COPied straight into `messages` (the fastest way:
+    /// see docs/benchmarks-persister.md). That fails as a whole if one of
+    /// them is stored already (a redelivery) or refused; the batch is then
+    /// written again through the staging table with `ON CONFLICT (id) DO
+    /// NOTHING`, which skips stored ids and is the authority on what is
+    /// refused. Redeliveries are rare (a crash between commit and ack, a
+    /// takeover, a replay), so nearly every batch takes one transaction.
     pub async fn write(&self, jobs: &[Job]) -> Result<(), StoreError> {
         let rows = Rows::from_jobs(jobs);
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
         if !rows.messages.id.is_empty() {
-            let sink = tx.copy_in::<_, Bytes>(COPY_MESSAGES).await?;
-            futures_util::pin_mut!(sink);
-            let mut data = rows.messages.copy_binary();
-            while data.len() > COPY_CHUNK {
-                sink.send(data.split_to(COPY_CHUNK).freeze()).await?;
+            match write_rows(&mut client, &rows, MessagePath::Direct).await {
+                Err(e) if e.is_data_error() => {
+                    metrics::counter!("persister_write_fallbacks_total").increment(1);
+                    tracing::debug!(error = %e, "direct COPY refused; writing the batch idempotently");
+                }
+                done => return done,
             }
-            sink.send(data.freeze()).await?;
-            sink.finish().await?;
+        }
+        write_rows(&mut client, &rows, MessagePath::Staged).await
+    }
+}
+
+/// How a transaction writes its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MessagePath {
+    /// COPY straight into `messages`: fails whole on any stored id.
+    Direct,
+    /// COPY into the staging table, then INSERT ... ON CONFLICT (id) DO NOTHING.
+    Staged,
+}
+
+/// One transaction: the messages (by `path`), chats and memberships.
+async fn write_rows(
+    client: &mut deadpool_postgres::Object,
+    rows: &Rows<'_>,
+    path: MessagePath,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    if !rows.messages.id.is_empty() {
+        let copy = match path {
+            MessagePath::Direct => COPY_MESSAGES_DIRECT,
+            MessagePath::Staged => COPY_MESSAGES,
+        };
+        let sink = tx.copy_in::<_, Bytes>(copy).await?;
+        futures_util::pin_mut!(sink);
+        let mut data = rows.messages.copy_binary();
+        while data.len() > COPY_CHUNK {
+            sink.send(data.split_to(COPY_CHUNK).freeze()).await?;
+        }
+        sink.send(data.freeze()).await?;
+        sink.finish().await?;
+        if path == MessagePath::Staged {
             let stmt = tx.prepare_cached(INSERT_MESSAGES).await?;
             tx.execute(&stmt, &[]).await?;
         }
-        if !rows.chats.id.is_empty() {
-            let c = &rows.chats;
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO chats (id, kind, title, visibility, created_by, created_at)
+    }
+    if !rows.chats.id.is_empty() {
+        let c = &rows.chats;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO chats (id, kind, title, visibility, created_by, created_at)
                      SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
                                           $5::uuid[], $6::int8[])
                      ON CONFLICT (id) DO NOTHING",
-                )
-                .await?;
-            tx.execute(
-                &stmt,
-                &[&c.id, &c.kind, &c.title, &c.visibility, &c.created_by, &c.created_at],
             )
             .await?;
-        }
-        if !rows.members.chat.is_empty() {
-            let m = &rows.members;
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO chat_members (chat, user_id, active, version, updated_at)
+        tx.execute(
+            &stmt,
+            &[&c.id, &c.kind, &c.title, &c.visibility, &c.created_by, &c.created_at],
+        )
+        .await?;
+    }
+    if !rows.members.chat.is_empty() {
+        let m = &rows.members;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO chat_members (chat, user_id, active, version, updated_at)
                      SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bool[], $4::int8[],
                                           $5::int8[])
                      ON CONFLICT (chat, user_id) DO UPDATE
@@ -169,14 +215,13 @@ impl Store {
                             version = EXCLUDED.version,
                             updated_at = EXCLUDED.updated_at
                       WHERE chat_members.version < EXCLUDED.version",
-                )
-                .await?;
-            tx.execute(&stmt, &[&m.chat, &m.user, &m.active, &m.version, &m.updated_at])
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            )
+            .await?;
+        tx.execute(&stmt, &[&m.chat, &m.user, &m.active, &m.version, &m.updated_at])
+            .await?;
     }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// A batch as column arrays, with the duplicates one INSERT cannot take
