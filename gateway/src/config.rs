@@ -51,6 +51,9 @@ pub struct Config {
     pub cache_ttl_secs: u64,
     /// `GATEWAY_DRAIN_SECS`: the grace period of a shutdown.
     pub drain: Duration,
+    /// `GATEWAY_DRAIN_CLOSE_RATE`: sockets closed per second while draining
+    /// (0: all at once).
+    pub drain_close_rate: f64,
     /// `LOG_FORMAT`: `text` or `json`.
     pub log_json: bool,
 }
@@ -155,6 +158,12 @@ impl Config {
                 "at least 1",
             )?,
             drain: Duration::from_secs(or(src, "GATEWAY_DRAIN_SECS", 10u64)?),
+            drain_close_rate: check(
+                "GATEWAY_DRAIN_CLOSE_RATE",
+                or(src, "GATEWAY_DRAIN_CLOSE_RATE", 1000.0f64)?,
+                |r| *r >= 0.0,
+                "0 (all at once) or more",
+            )?,
             log_json: log_format == "json",
         })
     }

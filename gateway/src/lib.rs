@@ -47,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueSettings};
 use crate::redis_pool::RedisPool;
 use crate::typing::Typing;
+use crate::ws::drain::DrainPacer;
 
 /// Everything a request or a session needs, shared by all of them.
 pub struct Services {
@@ -66,6 +67,8 @@ pub struct Services {
     /// Every WebSocket session, so a drain can wait for their 1001 closes
     /// (the HTTP server stops tracking a connection once it is upgraded).
     pub sessions: TaskTracker,
+    /// Paces the 1001 closes of a drain.
+    pub drain: DrainPacer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,7 @@ pub enum StartError {
 pub struct App {
     listener: TcpListener,
     services: Arc<Services>,
+    bus_stop: CancellationToken,
 }
 
 impl App {
@@ -91,6 +95,8 @@ impl App {
         let redis = RedisPool::connect(&config.redis_url, config.redis_connections, config.redis_timeout).await?;
         let pool = pg_pool(&config)?;
         let shutdown = CancellationToken::new();
+        // The bus outlives the drain: sockets not yet closed keep receiving.
+        let bus_stop = CancellationToken::new();
         let origin = Origin::new();
 
         let mut interest_tx = Vec::with_capacity(config.shards);
@@ -108,7 +114,7 @@ impl App {
                 hub.clone(),
                 origin.clone(),
                 rx,
-                shutdown.clone(),
+                bus_stop.clone(),
             );
         }
 
@@ -142,13 +148,18 @@ impl App {
             next_conn: AtomicU64::new(1),
             shutdown,
             sessions: TaskTracker::new(),
+            drain: DrainPacer::new(config.drain_close_rate, config.drain),
             config,
         });
         let addr = services.config.listen;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
-        Ok(App { listener, services })
+        Ok(App {
+            listener,
+            services,
+            bus_stop,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -156,8 +167,9 @@ impl App {
     }
 
     /// Serves until `stop` resolves, then drains: `/readyz` turns 503, new
-    /// connections are refused, sessions finish their current event and close
-    /// with 1001, and the server stops within the grace period.
+    /// connections are refused, sessions close with 1001 at the paced rate
+    /// (each keeps working until its turn, then answers what it has received),
+    /// and the server stops within the grace period.
     pub async fn run(self, stop: impl std::future::Future<Output = ()> + Send + 'static) {
         let services = self.services.clone();
         let grace = services.config.drain;
@@ -181,6 +193,7 @@ impl App {
         if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!(left = services.sessions.len(), "grace period over; closing the rest");
         }
+        self.bus_stop.cancel();
     }
 }
 

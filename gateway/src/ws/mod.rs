@@ -7,6 +7,7 @@
 //! reads frames, hands each event to its handler in `events`, and writes
 //! what the hub queues for it.
 
+pub mod drain;
 mod events;
 mod session;
 

@@ -89,14 +89,21 @@ impl Session {
     pub async fn run(mut self, socket: WebSocket) {
         metrics::gauge!("gateway_connections").increment(1.0);
         let (mut sink, mut stream) = socket.split();
-        let shutdown = self.svc.shutdown.clone();
         let overflow = self.conn.overflow_token();
+        // Once the node drains, this session waits for its turn to close
+        // (paced node-wide) and keeps serving meanwhile.
+        let svc = self.svc.clone();
+        let closing = async move {
+            svc.shutdown.cancelled().await;
+            svc.drain.turn(svc.sessions.len()).await;
+        };
+        tokio::pin!(closing);
         let flow = loop {
             let expiry = tokio::time::sleep_until(self.expires);
             let flow = tokio::select! {
                 biased;
                 _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
-                _ = shutdown.cancelled() => Flow::Close(close::GOING_AWAY, "node shutting down"),
+                _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
                 _ = expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
                 out = self.rx.recv() => match out {
                     Some(first) => self.write_queued(first, &mut sink).await,
@@ -118,7 +125,7 @@ impl Session {
             // A draining node has its grace period; keep a fifth of it spare
             // for the server itself. Otherwise the close takes at most a few seconds.
             let deadline = if code == close::GOING_AWAY {
-                Instant::now() + self.svc.config.drain.mul_f32(0.8)
+                self.svc.drain.deadline()
             } else {
                 Instant::now() + CLOSE_LINGER
             };
