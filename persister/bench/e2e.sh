@@ -98,7 +98,7 @@ for run in $(seq 1 "$RUNS"); do
 
     fresh_db persister_bench_copy
     c_line=$(DATABASE_URL="$PG_URL/persister_bench_copy" "${PRIO[@]}" "$BIN/examples/ladder" --ids "${IDS:-v7}" copy --jobs "$JOBS" \
-        --batch "${PERSISTER_BATCH_SIZE:-1000}" 2>>"$LOG")
+        --batch "${PERSISTER_BATCH_SIZE:-5000}" 2>>"$LOG")
     c_rate=$(echo "$c_line" | awk '{print $(NF-1)}')
     printf 'run %d: persister %.2f s = %.0f rows/s; plain COPY %.0f rows/s; persister/COPY %.0f%%; load %s\n' \
         "$run" "$secs" "$p_rate" "$c_rate" "$(echo "100 * $p_rate / $c_rate" | bc -l)" "$(cut -d' ' -f1 /proc/loadavg)"

@@ -95,7 +95,7 @@ impl Config {
         };
         let batch_size = check(
             "PERSISTER_BATCH_SIZE",
-            or(src, "PERSISTER_BATCH_SIZE", 1000usize)?,
+            or(src, "PERSISTER_BATCH_SIZE", 5000usize)?,
             |n| (1..=10_000).contains(n),
             "between 1 and 10000",
         )?;
@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(c.redis_url.expose(), "redis://127.0.0.1:6379");
         assert_eq!(c.database_url.expose(), "postgres://postgres@127.0.0.1:5432/chat");
         assert!(c.consumer.ends_with(&format!("-{}", std::process::id())));
-        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.batch_size, 5000);
         assert_eq!(c.concurrency, 2);
         assert_eq!(c.block, Duration::from_millis(1000));
         assert_eq!(c.claim_idle, Duration::from_millis(30_000));

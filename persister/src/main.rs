@@ -21,7 +21,7 @@ Environment:
   DATABASE_URL              PostgreSQL database [default: postgres://postgres@127.0.0.1:5432/chat]
   PERSISTER_CONSUMER        consumer name in group `persisters`, unique per live process
                             [default: <hostname>-<pid>]
-  PERSISTER_BATCH_SIZE      entries per read and per transaction, 1..=10000 [default: 1000]
+  PERSISTER_BATCH_SIZE      entries per read and per transaction, 1..=10000 [default: 5000]
   PERSISTER_CONCURRENCY     batches in flight at once, each by a consumer of its own
                             (<consumer>, <consumer>/1, ...), 1..=32 [default: 2]
   PERSISTER_BLOCK_MS        how long a read waits for new entries [default: 1000]
