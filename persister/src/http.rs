@@ -65,6 +65,10 @@ fn describe() {
         "Entries moved to chat:dead, by reason (refused, invalid, missing, version, kind, deleted)."
     );
     describe_counter!(
+        "persister_write_fallbacks_total",
+        "Batches whose direct COPY PostgreSQL refused (a stored id, a refused row), written again through the staging table."
+    );
+    describe_counter!(
         "persister_retries_total",
         "Refusals by PostgreSQL of an entry below PERSISTER_MAX_DELIVERIES (it is tried again)."
     );
