@@ -199,6 +199,7 @@ fn describe(s: &Scenario) -> (&'static str, &'static str, Common, serde_json::Va
         Scenario::Private { common, traffic, pairs } => {
             let mut c = traffic_json(traffic);
             c["pairs"] = json!(pairs);
+            c["read_buffer"] = json!(common.read_buffer);
             ("private", mode(traffic), common.clone(), c)
         }
         Scenario::Group {
@@ -212,6 +213,7 @@ fn describe(s: &Scenario) -> (&'static str, &'static str, Common, serde_json::Va
             c["groups"] = json!(groups);
             c["size"] = json!(size);
             c["senders_fraction"] = json!(senders_fraction);
+            c["read_buffer"] = json!(common.read_buffer);
             ("group", mode(traffic), common.clone(), c)
         }
         Scenario::Connections {
