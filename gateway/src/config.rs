@@ -49,6 +49,28 @@ pub struct Config {
     pub cache_size: usize,
     /// `CHAT_CACHE_TTL_SECS`: a chat's cache expires after this long idle.
     pub cache_ttl_secs: u64,
+    /// `GATEWAY_SEND_RATE` / `GATEWAY_SEND_BURST`: sends per user per second
+    /// on this node, and the burst allowed above it (`rate_limited`).
+    pub send_rate: Rate,
+    /// `GATEWAY_JOIN_RATE` / `GATEWAY_JOIN_BURST`: joins and leaves per user.
+    pub join_rate: Rate,
+    /// `GATEWAY_REST_RATE` / `GATEWAY_REST_BURST`: REST calls per user.
+    pub rest_rate: Rate,
+    /// `GATEWAY_MAX_CONNS_PER_USER`: connections of one user on this node
+    /// (HTTP 429 at the handshake above it).
+    pub max_conns_per_user: usize,
+    /// `GATEWAY_MAX_CONNS`: connections on this node (HTTP 503 above it).
+    pub max_conns: usize,
+    /// `GATEWAY_ALLOWED_ORIGINS`: comma-separated `Origin`s allowed to open a
+    /// WebSocket; empty allows any (development).
+    pub allowed_origins: Vec<String>,
+    /// `GATEWAY_PING_INTERVAL_SECS`: the server pings an idle connection this often.
+    pub ping_interval: Duration,
+    /// `GATEWAY_PING_TIMEOUT_SECS`: a connection silent this long after a
+    /// ping is dropped.
+    pub ping_timeout: Duration,
+    /// `GATEWAY_HANDSHAKE_TIMEOUT_SECS`: time to send a request's headers.
+    pub handshake_timeout: Duration,
     /// `GATEWAY_DRAIN_SECS`: the grace period of a shutdown.
     pub drain: Duration,
     /// `GATEWAY_DRAIN_CLOSE_RATE`: sockets closed per second while draining
@@ -157,6 +179,44 @@ impl Config {
                 |n| *n >= 1,
                 "at least 1",
             )?,
+            send_rate: rate(src, "GATEWAY_SEND_RATE", 20.0, "GATEWAY_SEND_BURST", 40.0)?,
+            join_rate: rate(src, "GATEWAY_JOIN_RATE", 2.0, "GATEWAY_JOIN_BURST", 10.0)?,
+            rest_rate: rate(src, "GATEWAY_REST_RATE", 10.0, "GATEWAY_REST_BURST", 30.0)?,
+            max_conns_per_user: check(
+                "GATEWAY_MAX_CONNS_PER_USER",
+                or(src, "GATEWAY_MAX_CONNS_PER_USER", 16usize)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?,
+            max_conns: check(
+                "GATEWAY_MAX_CONNS",
+                or(src, "GATEWAY_MAX_CONNS", 100_000usize)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?,
+            allowed_origins: or(src, "GATEWAY_ALLOWED_ORIGINS", String::new())?
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            ping_interval: Duration::from_secs(check(
+                "GATEWAY_PING_INTERVAL_SECS",
+                or(src, "GATEWAY_PING_INTERVAL_SECS", 30u64)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?),
+            ping_timeout: Duration::from_secs(check(
+                "GATEWAY_PING_TIMEOUT_SECS",
+                or(src, "GATEWAY_PING_TIMEOUT_SECS", 10u64)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?),
+            handshake_timeout: Duration::from_secs(check(
+                "GATEWAY_HANDSHAKE_TIMEOUT_SECS",
+                or(src, "GATEWAY_HANDSHAKE_TIMEOUT_SECS", 10u64)?,
+                |n| *n >= 1,
+                "at least 1",
+            )?),
             drain: Duration::from_secs(or(src, "GATEWAY_DRAIN_SECS", 10u64)?),
             drain_close_rate: check(
                 "GATEWAY_DRAIN_CLOSE_RATE",
@@ -167,6 +227,35 @@ impl Config {
             log_json: log_format == "json",
         })
     }
+}
+
+/// A token-bucket limit: `per_sec` on average, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+fn rate(
+    src: &dyn Source,
+    rate_name: &'static str,
+    rate_default: f64,
+    burst_name: &'static str,
+    burst_default: f64,
+) -> Result<Rate, ConfigError> {
+    let per_sec = check(
+        rate_name,
+        or(src, rate_name, rate_default)?,
+        |r| *r > 0.0,
+        "a positive number",
+    )?;
+    let burst = check(
+        burst_name,
+        or(src, burst_name, burst_default)?,
+        |b| *b >= 1.0,
+        "at least 1",
+    )?;
+    Ok(Rate { per_sec, burst })
 }
 
 fn default_node_id() -> String {

@@ -21,6 +21,7 @@ use warp::{Filter, Rejection};
 use crate::auth::{token_from, Identity};
 use crate::chats::ChatError;
 use crate::history::{Window, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::limits::ConnRefused;
 use crate::ws::{self, OpenError};
 use crate::Services;
 
@@ -102,6 +103,7 @@ pub fn routes(svc: Arc<Services>) -> impl Filter<Extract = (Response,), Error = 
         .and(warp::get())
         .and(with())
         .and(identity())
+        .and(warp::header::optional::<String>("origin"))
         .and(warp::ws())
         .then(upgrade);
 
@@ -224,7 +226,16 @@ async fn readyz(svc: Arc<Services>) -> Response {
     warp::reply::with_status(if ready { "ready" } else { "not ready" }, status).into_response()
 }
 
-async fn upgrade(svc: Arc<Services>, who: Identity, upgrade: warp::ws::Ws) -> Response {
+async fn upgrade(svc: Arc<Services>, who: Identity, origin: Option<String>, upgrade: warp::ws::Ws) -> Response {
+    // Cross-site WebSocket hijacking: with an allowlist, a page of another
+    // site cannot open a socket from a user's browser. Clients that are not
+    // browsers send no Origin and are not affected.
+    let allowed = &svc.config.allowed_origins;
+    if let Some(origin) = origin {
+        if !allowed.is_empty() && !allowed.iter().any(|a| a == origin.trim_end_matches('/')) {
+            return ApiError::new(ErrorCode::Forbidden, format!("origin {origin:?} is not allowed")).into_response();
+        }
+    }
     let frame_limit = svc.config.max_frame_bytes;
     let tracker = svc.sessions.clone();
     match ws::open(svc, who).await {
@@ -233,9 +244,23 @@ async fn upgrade(svc: Arc<Services>, who: Identity, upgrade: warp::ws::Ws) -> Re
             .max_message_size(frame_limit)
             .on_upgrade(move |socket| tracker.track_future(session.run(socket)))
             .into_response(),
-        Err(e @ OpenError::Draining) | Err(e @ OpenError::Unavailable) => {
+        Err(OpenError::Refused(ConnRefused::User)) => ApiError::new(
+            ErrorCode::RateLimited,
+            "too many connections for this user on this node",
+        )
+        .into_response(),
+        Err(e @ (OpenError::Draining | OpenError::Unavailable | OpenError::Refused(ConnRefused::Node))) => {
             ApiError::new(ErrorCode::Unavailable, e.to_string()).into_response()
         }
+    }
+}
+
+/// Each user's REST calls are limited per node (`GATEWAY_REST_RATE`).
+fn rest_rate(svc: &Services, who: &Identity) -> Result<(), ApiError> {
+    if svc.limits.rest.allow(who.user) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"))
     }
 }
 
@@ -254,6 +279,7 @@ struct NewChat {
 }
 
 async fn create_chat(svc: Arc<Services>, who: Identity, body: serde_json::Value) -> Answer {
+    rest_rate(&svc, &who)?;
     let new: NewChat = serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let title = new.title.trim().to_string();
     if title.is_empty() || title.chars().count() > MAX_TITLE_CHARS {
@@ -284,11 +310,13 @@ async fn create_chat(svc: Arc<Services>, who: Identity, body: serde_json::Value)
 }
 
 async fn list_chats(svc: Arc<Services>, who: Identity) -> Answer {
+    rest_rate(&svc, &who)?;
     let chats = svc.chats.list(who.user).await?;
     Ok(warp::reply::json(&chats).into_response())
 }
 
 async fn add_member(svc: Arc<Services>, who: Identity, chat: String, body: serde_json::Value) -> Answer {
+    rest_rate(&svc, &who)?;
     let chat = parse_id(&chat, "chat")?;
     let user = body
         .get("user")
@@ -300,6 +328,7 @@ async fn add_member(svc: Arc<Services>, who: Identity, chat: String, body: serde
 }
 
 async fn remove_member(svc: Arc<Services>, who: Identity, chat: String, user: String) -> Answer {
+    rest_rate(&svc, &who)?;
     let chat = parse_id(&chat, "chat")?;
     let user = parse_id(&user, "user")?;
     if user != who.user {
@@ -312,6 +341,7 @@ async fn remove_member(svc: Arc<Services>, who: Identity, chat: String, user: St
 }
 
 async fn history(svc: Arc<Services>, who: Identity, chat: String, query: HashMap<String, String>) -> Answer {
+    rest_rate(&svc, &who)?;
     let chat: ChatId = parse_id(&chat, "chat")?;
     let limit = match query.get("limit") {
         None => DEFAULT_LIMIT,

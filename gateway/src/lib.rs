@@ -17,9 +17,11 @@ pub mod config;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod queue;
 pub mod redis_pool;
+pub mod server;
 pub mod telemetry;
 pub mod typing;
 pub mod ws;
@@ -43,6 +45,7 @@ use crate::history::cache::{CacheSettings, RecentCache};
 use crate::history::db::Db;
 use crate::history::History;
 use crate::hub::Hub;
+use crate::limits::{ConnLimits, Limits, RateLimiter};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueSettings};
 use crate::redis_pool::RedisPool;
@@ -69,6 +72,7 @@ pub struct Services {
     pub sessions: TaskTracker,
     /// Paces the 1001 closes of a drain.
     pub drain: DrainPacer,
+    pub limits: Arc<Limits>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,8 +153,15 @@ impl App {
             shutdown,
             sessions: TaskTracker::new(),
             drain: DrainPacer::new(config.drain_close_rate, config.drain),
+            limits: Arc::new(Limits {
+                sends: RateLimiter::new(config.send_rate),
+                joins: RateLimiter::new(config.join_rate),
+                rest: RateLimiter::new(config.rest_rate),
+                conns: ConnLimits::new(config.max_conns_per_user, config.max_conns),
+            }),
             config,
         });
+        Limits::spawn_sweeper(services.limits.clone());
         let addr = services.config.listen;
         let listener = TcpListener::bind(addr)
             .await
@@ -175,11 +186,13 @@ impl App {
         let grace = services.config.drain;
         let shutdown = services.shutdown.clone();
         let routes = http::routes(services.clone());
-        let drained = shutdown.clone();
-        let server = warp::serve(routes).incoming(self.listener).graceful(async move {
-            drained.cancelled().await;
-        });
-        let server = tokio::spawn(server.run());
+        let handshake_timeout = services.config.handshake_timeout;
+        let server = tokio::spawn(server::serve(
+            self.listener,
+            routes,
+            handshake_timeout,
+            shutdown.clone(),
+        ));
         stop.await;
         tracing::info!("draining");
         shutdown.cancel();

@@ -44,6 +44,12 @@ impl Session {
         reference: &Option<String>,
     ) -> Reply {
         let target = Target::from_fields(to, chat).ok_or((ErrorCode::BadRequest, EXACTLY_ONE.to_string()))?;
+        if !self.svc.limits.sends.allow(self.identity.user) {
+            return Err((
+                ErrorCode::RateLimited,
+                "too many sends; slow down and resend with the same id".into(),
+            ));
+        }
         let limit = self.svc.config.max_body_bytes;
         if body.len() > limit {
             return Err((
@@ -84,7 +90,16 @@ impl Session {
         Ok(None)
     }
 
+    fn check_join_rate(&self) -> Result<(), (ErrorCode, String)> {
+        if self.svc.limits.joins.allow(self.identity.user) {
+            Ok(())
+        } else {
+            Err((ErrorCode::RateLimited, "too many joins and leaves; slow down".into()))
+        }
+    }
+
     async fn on_join(&mut self, chat: ChatId) -> Reply {
+        self.check_join_rate()?;
         // Refuse before receiving anything: a connection attached to a chat
         // gets its messages, so only one that may join is attached.
         self.svc
@@ -126,6 +141,7 @@ impl Session {
     }
 
     async fn on_leave(&mut self, chat: ChatId) -> Reply {
+        self.check_join_rate()?;
         // `left` comes back over the bus, and with it the detach.
         self.svc
             .chats

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::hub::{encode_encoding, Conn};
+use crate::limits::ConnRefused;
 use crate::Services;
 pub use session::Session;
 use shared::codec::Encoding;
@@ -31,6 +32,8 @@ pub enum OpenError {
     Draining,
     #[error("redis unavailable")]
     Unavailable,
+    #[error(transparent)]
+    Refused(#[from] ConnRefused),
 }
 
 /// Registers a new connection of `identity` and returns its session, ready
@@ -39,6 +42,7 @@ pub async fn open(svc: Arc<Services>, identity: Identity) -> Result<Session, Ope
     if svc.shutdown.is_cancelled() {
         return Err(OpenError::Draining);
     }
+    let slot = svc.limits.conns.admit(identity.user)?;
     let id = svc.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(svc.config.outbound_queue);
     let encoding = Arc::new(AtomicU8::new(encode_encoding(Encoding::Json)));
@@ -49,7 +53,7 @@ pub async fn open(svc: Arc<Services>, identity: Identity) -> Result<Session, Ope
         .await
         .map_err(|_| OpenError::Unavailable)?;
     // From here on the session's Drop undoes the registrations.
-    let mut session = Session::new(svc.clone(), identity, conn.clone(), rx, encoding);
+    let mut session = Session::new(svc.clone(), identity, conn.clone(), rx, encoding, slot);
     svc.hub
         .attach_user(conn.clone())
         .await

@@ -24,6 +24,7 @@ use warp::ws::{Message as WsMessage, WebSocket};
 
 use crate::auth::Identity;
 use crate::hub::{encode_encoding, Conn, Frame, Outbound};
+use crate::limits::ConnSlot;
 use crate::Services;
 
 /// Frames written per flush when the queue has a backlog.
@@ -50,6 +51,10 @@ pub struct Session {
     pub(super) chats: HashSet<ChatId>,
     /// When the current token expires.
     pub(super) expires: Instant,
+    /// When the client last sent anything (a frame, a pong).
+    last_heard: Instant,
+    /// Counts this connection against the user's and the node's limits.
+    _slot: ConnSlot,
 }
 
 enum Flow {
@@ -67,6 +72,7 @@ impl Session {
         conn: Conn,
         rx: mpsc::Receiver<Outbound>,
         encoding: Arc<AtomicU8>,
+        slot: ConnSlot,
     ) -> Session {
         let expires = expiry_instant(identity.exp);
         Session {
@@ -78,6 +84,8 @@ impl Session {
             chosen: None,
             chats: HashSet::new(),
             expires,
+            last_heard: Instant::now(),
+            _slot: slot,
         }
     }
 
@@ -98,6 +106,8 @@ impl Session {
             svc.drain.turn(svc.sessions.len()).await;
         };
         tokio::pin!(closing);
+        let (ping_every, ping_timeout) = (self.svc.config.ping_interval, self.svc.config.ping_timeout);
+        let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let flow = loop {
             let expiry = tokio::time::sleep_until(self.expires);
             let flow = tokio::select! {
@@ -105,6 +115,7 @@ impl Session {
                 _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
                 _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
                 _ = expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
+                _ = pings.tick() => self.ping(&mut sink, ping_every + ping_timeout).await,
                 out = self.rx.recv() => match out {
                     Some(first) => self.write_queued(first, &mut sink).await,
                     None => Flow::Gone,
@@ -171,7 +182,21 @@ impl Session {
         }
     }
 
+    /// Pings the client; one that has said nothing for `silence` is gone
+    /// (a half-open TCP connection, or a client that stopped reading).
+    async fn ping(&mut self, sink: &mut Sink, silence: Duration) -> Flow {
+        if self.last_heard.elapsed() > silence {
+            metrics::counter!("gateway_silent_drops_total").increment(1);
+            return Flow::Gone;
+        }
+        match sink.send(WsMessage::ping(Vec::new())).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Gone,
+        }
+    }
+
     async fn on_frame(&mut self, msg: WsMessage, sink: &mut Sink) -> Flow {
+        self.last_heard = Instant::now();
         let encoding = if msg.is_text() {
             Encoding::Json
         } else if msg.is_binary() {
