@@ -4,11 +4,14 @@
 mod harness;
 mod harness_smoke;
 
+mod access;
 mod auth;
 mod bad_input;
 mod cache;
+mod flood;
 mod group;
 mod idempotency;
+mod limits;
 mod ops;
 mod ordering;
 mod private;
