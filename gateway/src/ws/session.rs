@@ -117,7 +117,23 @@ impl Session {
                 _ = expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
                 _ = pings.tick() => self.ping(&mut sink, ping_every + ping_timeout).await,
                 out = self.rx.recv() => match out {
-                    Some(first) => self.write_queued(first, &mut sink).await,
+                    // A client that stops reading blocks this write once the
+                    // socket buffers are full: the reasons to close must
+                    // still end it, and a write stalled as long as a silent
+                    // client may be is a gone client.
+                    Some(first) => tokio::select! {
+                        biased;
+                        _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
+                        _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
+                        _ = tokio::time::sleep_until(self.expires) => {
+                            Flow::Close(close::TOKEN_EXPIRED, "token expired")
+                        }
+                        _ = tokio::time::sleep(ping_every + ping_timeout) => {
+                            metrics::counter!("gateway_silent_drops_total").increment(1);
+                            Flow::Gone
+                        }
+                        flow = self.write_queued(first, &mut sink) => flow,
+                    },
                     None => Flow::Gone,
                 },
                 frame = stream.next() => match frame {
@@ -146,7 +162,14 @@ impl Session {
                 let answering = (Instant::now() + DRAIN_ANSWERING).min(deadline);
                 self.answer_received(&mut stream, &mut sink, answering).await;
             }
-            let _ = tokio::time::timeout(CLOSE_WRITE, sink.send(WsMessage::close_with(code, reason))).await;
+            // A slow reader gets the Close frame only after what it has not
+            // read yet: give it as long as a silent client gets.
+            let close_write = if code == close::POLICY {
+                ping_every + ping_timeout
+            } else {
+                CLOSE_WRITE
+            };
+            let _ = tokio::time::timeout(close_write, sink.send(WsMessage::close_with(code, reason))).await;
             // Read, and drop, until the client's Close: closing a socket with
             // unread bytes makes the kernel send a reset, which would discard
             // the acks and the Close frame still on their way to the client.
@@ -189,10 +212,7 @@ impl Session {
             metrics::counter!("gateway_silent_drops_total").increment(1);
             return Flow::Gone;
         }
-        match sink.send(WsMessage::ping(Vec::new())).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Gone,
-        }
+        self.send_bounded(sink, WsMessage::ping(Vec::new())).await
     }
 
     async fn on_frame(&mut self, msg: WsMessage, sink: &mut Sink) -> Flow {
@@ -229,9 +249,21 @@ impl Session {
             metrics::counter!("gateway_errors_total", "code" => code.as_str()).increment(1);
         }
         let frame = Frame::encode(event, self.encoding());
-        match sink.send(frame.into_message()).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Gone,
+        self.send_bounded(sink, frame.into_message()).await
+    }
+
+    /// Writes and flushes one message. A client that stopped reading stalls
+    /// the write once the socket buffers are full; stalled as long as a
+    /// silent client may stay, it is gone.
+    async fn send_bounded(&self, sink: &mut Sink, message: WsMessage) -> Flow {
+        let stall = self.svc.config.ping_interval + self.svc.config.ping_timeout;
+        match tokio::time::timeout(stall, sink.send(message)).await {
+            Ok(Ok(())) => Flow::Continue,
+            Ok(Err(_)) => Flow::Gone,
+            Err(_) => {
+                metrics::counter!("gateway_silent_drops_total").increment(1);
+                Flow::Gone
+            }
         }
     }
 

@@ -4,13 +4,16 @@
 mod harness;
 mod harness_smoke;
 
+mod access;
 mod auth;
 mod bad_input;
 mod cache;
 mod drain;
 mod faults;
+mod flood;
 mod group;
 mod idempotency;
+mod limits;
 mod ops;
 mod ordering;
 mod private;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -44,6 +44,16 @@ impl fmt::Display for ConnectError {
     }
 }
 
+/// Handshake options beyond the token.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Sent as the `Origin` header, as a browser does.
+    pub origin: Option<String>,
+    /// The socket's receive buffer in bytes (`SO_RCVBUF`): a small one makes
+    /// a client that stops reading back up the server within a few frames.
+    pub recv_buffer: Option<u32>,
+}
+
 pub struct Client {
     /// The user the token was for, when the harness minted it.
     pub user: Option<Uuid>,
@@ -61,6 +71,17 @@ impl Client {
     /// Opens a WebSocket to `url`, with `token` as `Authorization: Bearer`
     /// (or, with `in_query`, as `?token=`).
     pub async fn connect(url: &str, token: Option<&str>, in_query: bool) -> Result<Client, ConnectError> {
+        Client::connect_with(url, token, in_query, &ConnectOptions::default()).await
+    }
+
+    /// `connect`, with an `Origin` header and / or a small socket receive
+    /// buffer (`options`).
+    pub async fn connect_with(
+        url: &str,
+        token: Option<&str>,
+        in_query: bool,
+        options: &ConnectOptions,
+    ) -> Result<Client, ConnectError> {
         let url = match (token, in_query) {
             (Some(t), true) => format!("{url}?token={t}"),
             _ => url.to_string(),
@@ -74,7 +95,29 @@ impl Client {
                 .map_err(|e| ConnectError::Transport(format!("bad token: {e}")))?;
             request.headers_mut().insert("authorization", value);
         }
-        let connect = tokio_tungstenite::connect_async(request);
+        if let Some(origin) = &options.origin {
+            let value =
+                HeaderValue::from_str(origin).map_err(|e| ConnectError::Transport(format!("bad origin: {e}")))?;
+            request.headers_mut().insert("origin", value);
+        }
+        let connect = async {
+            match options.recv_buffer {
+                None => tokio_tungstenite::connect_async(request).await,
+                Some(bytes) => {
+                    // Our own socket, so its receive buffer can be set before
+                    // connecting (the kernel's autotuning would grow it to MiBs).
+                    let authority = request.uri().authority().map(|a| a.as_str().to_string());
+                    let addr: std::net::SocketAddr = authority
+                        .as_deref()
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or_else(|| panic!("recv_buffer needs an ip:port url, not {url}"));
+                    let socket = TcpSocket::new_v4().map_err(WsError::Io)?;
+                    socket.set_recv_buffer_size(bytes).map_err(WsError::Io)?;
+                    let stream = socket.connect(addr).await.map_err(WsError::Io)?;
+                    tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await
+                }
+            }
+        };
         match tokio::time::timeout(DEFAULT_TIMEOUT, connect).await {
             Err(_) => Err(ConnectError::Transport(format!(
                 "handshake with {url} took over {DEFAULT_TIMEOUT:?}"

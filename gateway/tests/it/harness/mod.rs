@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 pub use self::api::Api;
-pub use self::client::Client;
+pub use self::client::{Client, ConnectOptions};
 pub use self::postgres::{Database, Postgres};
 pub use self::process::{Gateway, Persister};
 pub use self::redis::Redis;
@@ -166,6 +166,18 @@ impl Stack {
             ("GATEWAY_LISTEN".to_string(), "127.0.0.1:0".to_string()),
             ("GATEWAY_NODE_ID".to_string(), name.to_string()),
         ];
+        // Tests send, join and poll far faster than a person: the per-user
+        // rate limits are lifted unless a test sets them (limits.rs does).
+        for name in [
+            "GATEWAY_SEND_RATE",
+            "GATEWAY_SEND_BURST",
+            "GATEWAY_JOIN_RATE",
+            "GATEWAY_JOIN_BURST",
+            "GATEWAY_REST_RATE",
+            "GATEWAY_REST_BURST",
+        ] {
+            env.push((name.to_string(), "1000000".to_string()));
+        }
         env.extend(self.options.env.iter().cloned());
         env
     }
@@ -276,7 +288,30 @@ impl Stack {
     }
 
     async fn try_connect_with(&self, gw: usize, token: Option<&str>, in_query: bool) -> Result<Client, u16> {
-        match Client::connect(&self.gateways[gw].ws_url(), token, in_query).await {
+        self.handshake(gw, token, in_query, &client::ConnectOptions::default())
+            .await
+    }
+
+    /// A handshake with the token in `Authorization: Bearer` (when given)
+    /// and `options` (an `Origin`, a small receive buffer); `Err(status)`
+    /// when the gateway refuses the upgrade. Transport failures panic.
+    pub async fn try_connect_options(
+        &self,
+        gw: usize,
+        token: Option<&str>,
+        options: &client::ConnectOptions,
+    ) -> Result<Client, u16> {
+        self.handshake(gw, token, false, options).await
+    }
+
+    async fn handshake(
+        &self,
+        gw: usize,
+        token: Option<&str>,
+        in_query: bool,
+        options: &client::ConnectOptions,
+    ) -> Result<Client, u16> {
+        match Client::connect_with(&self.gateways[gw].ws_url(), token, in_query, options).await {
             Ok(client) => Ok(client),
             Err(client::ConnectError::Status(status)) => Err(status),
             Err(e) => panic!("connecting to {}: {e}", self.gateways[gw].name),
