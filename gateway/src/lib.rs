@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::net::TcpListener;
@@ -187,25 +188,35 @@ impl App {
         let shutdown = services.shutdown.clone();
         let routes = http::routes(services.clone());
         let handshake_timeout = services.config.handshake_timeout;
+        // The listener stays open through the drain, so probes and load
+        // balancers read `/readyz` 503 (and new WebSockets get 503) rather
+        // than a refused connection; it closes once the sessions are gone.
+        let listener_stop = CancellationToken::new();
         let server = tokio::spawn(server::serve(
             self.listener,
             routes,
             handshake_timeout,
-            shutdown.clone(),
+            listener_stop.clone(),
         ));
         stop.await;
         tracing::info!("draining");
         shutdown.cancel();
-        // Sessions see the token, finish their current event and close with
-        // 1001; the listener stops accepting. Both within the grace period.
+        // Sessions see the token, take their turn, finish their current
+        // event and close with 1001, within the grace period.
         services.sessions.close();
-        let drained = async {
-            let _ = server.await;
-            services.sessions.wait().await;
-        };
-        if tokio::time::timeout(grace, drained).await.is_err() {
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, services.sessions.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(left = services.sessions.len(), "grace period over; closing the rest");
         }
+        listener_stop.cancel();
+        let _ = tokio::time::timeout_at(
+            deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
+            server,
+        )
+        .await;
         self.bus_stop.cancel();
     }
 }
