@@ -184,6 +184,18 @@ impl Worker {
                 }
             }
         }
+        // A blocking read cancelled by the shutdown may have been served by
+        // Redis at that instant: what this consumer holds now is stored
+        // before it leaves, not left pending until another persister claims it.
+        match self.read("0".into(), None).await {
+            Ok(held) if !held.is_empty() => {
+                if let Err(e) = self.handle(held).await {
+                    tracing::warn!(error = %e, "entries held at shutdown were not stored; they stay pending");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read this consumer's pending entries at shutdown"),
+        }
         tracing::info!(consumer = %self.settings.consumer, "worker stopped");
     }
 
