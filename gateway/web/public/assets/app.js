@@ -240,7 +240,15 @@ function renderChatList() {
         badge.textContent = String(c.unread);
         li.append(badge);
       }
+      li.tabIndex = 0;
+      li.setAttribute('role', 'button');
       li.addEventListener('click', () => openChat(c.id));
+      li.addEventListener('keydown', (e) => {
+        if (e.key === 'Enter' || e.key === ' ') {
+          e.preventDefault();
+          openChat(c.id);
+        }
+      });
       return li;
     }),
   );
@@ -249,6 +257,7 @@ function renderChatList() {
 
 async function openChat(id) {
   if (current && client.chats.has(current)) client.chats.get(current).open = false;
+  if (current !== id) client.stopTyping();
   current = id;
   const c = client.chats.get(id);
   c.open = true;

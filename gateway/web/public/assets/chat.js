@@ -24,8 +24,13 @@ export const ACK_TIMEOUT_MS = 10000;
 /** Application-level ping, and how long a pong may take. */
 export const PING_EVERY_MS = 25000;
 export const PONG_TIMEOUT_MS = 10000;
-/** Typing: at most one event per second, the first 300 ms after a key. */
-export const TYPING_EVERY_MS = 1000;
+/**
+ * Typing: at most one event per second, the first 300 ms after a key. The
+ * spacing has a margin: the server drops an event that arrives within its
+ * 1 s window of the previous one, and network jitter may bring two events
+ * sent exactly 1 s apart closer together.
+ */
+export const TYPING_EVERY_MS = 1100;
 export const TYPING_DEBOUNCE_MS = 300;
 /** A peer's typing indicator lasts this long after its last event. */
 export const TYPING_SHOWN_MS = 3000;
