@@ -277,25 +277,45 @@ export class Stack {
       PERSISTER_CONSUMER: 'persister-web-test',
       PERSISTER_BLOCK_MS: '200',
     }, 'metrics on ');
-    const gateways = ['gw1', 'gw2'].map((name) =>
-      this.spawn(name, path.join(bins, 'gateway'), [], {
-        ...common,
-        GATEWAY_LISTEN: '127.0.0.1:0',
-        GATEWAY_NODE_ID: name,
-        GATEWAY_SHARDS: '2',
-        GATEWAY_DRAIN_SECS: '2',
-        CHAT_DEV_LOGIN: '1',
-        GATEWAY_WEB_DIR: path.join(WEB_DIR, 'public'),
-      }, 'listening on '),
-    );
+    this.gatewayEnv = {
+      ...common,
+      GATEWAY_SHARDS: '2',
+      GATEWAY_DRAIN_SECS: '2',
+      CHAT_DEV_LOGIN: '1',
+      GATEWAY_WEB_DIR: path.join(WEB_DIR, 'public'),
+    };
+    this.started = 0;
+    const gateways = [this.spawnGateway('127.0.0.1:0'), this.spawnGateway('127.0.0.1:0')];
     await persister.ready();
-    for (const [i, gw] of gateways.entries()) {
+    for (const gw of gateways) {
       gw.addr = await gw.ready();
-      gw.index = i;
       this.gateways.push(gw);
     }
     await this.startNginx(nginx);
     return this;
+  }
+
+  spawnGateway(listen) {
+    this.started++;
+    const name = `gw${this.started}`;
+    return this.spawn(name, path.join(binDir(), 'gateway'), [], {
+      ...this.gatewayEnv,
+      GATEWAY_LISTEN: listen,
+      GATEWAY_NODE_ID: name,
+    }, 'listening on ');
+  }
+
+  /**
+   * Starts a fresh gateway process in place of gateway i (killed or
+   * stopped), on the same address, so the load balancer finds it again.
+   */
+  async replaceGateway(i) {
+    const old = this.gateways[i];
+    if (old.alive) throw new Error(`gateway ${i} (pid ${old.pid}) still runs`);
+    const gw = this.spawnGateway(old.addr);
+    gw.addr = await gw.ready();
+    this.gateways[i] = gw;
+    return gw;
   }
 
   async startRedis() {

@@ -206,6 +206,26 @@ describe('ChatClient', () => {
     client.stop();
   });
 
+  test('a catch-up that fails (502 from the load balancer) is tried again while connected', async () => {
+    const history = [1].map((s) => msg(s));
+    const { client, calls } = newClient(history);
+    const fetchOk = client.fetchImpl;
+    let failures = 2;
+    client.fetchImpl = async (url) => {
+      if (url.includes('after=') && failures-- > 0) return { ok: false, status: 502, json: async () => ({}) };
+      return fetchOk(url);
+    };
+    client.start();
+    FakeSocket.all[0].open();
+    await client.load('c');
+    history.push(msg(2), msg(3));
+    FakeSocket.all[0].push({ type: 'message', ...msg(3) });
+    await until('filled after two 502s', () => client.chats.get('c').head.seq === 3);
+    assert.equal(calls.filter((c) => c.includes('after=')).length, 1, 'the third try is the one that reached the API');
+    assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3]);
+    client.stop();
+  });
+
   test('unavailable is retried with the same id; too_large fails for good', async () => {
     const { client } = newClient([]);
     client.start();

@@ -200,8 +200,9 @@ function renderStatus() {
     banner.hidden = false;
     banner.dataset.status = status;
     const queued = client.outbox.size;
+    const why = client.lastClose === 1001 ? 'the server was restarting' : 'the connection to the server is lost';
     banner.textContent =
-      (status === 'offline' ? 'Offline: the connection to the server is lost. ' : 'Reconnecting… ') +
+      (status === 'offline' ? `Offline: ${why}. ` : 'Reconnecting… ') +
       (queued ? `${queued} message${queued === 1 ? '' : 's'} will be sent when it is back.` : 'Messages you write are sent when it is back.');
   }
 }

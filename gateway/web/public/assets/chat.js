@@ -73,6 +73,8 @@ export class ChatState {
     this.catching = null; // the running catch-up, a promise
     this.loading = null; // the first read of history, a promise
     this.catchAgain = false;
+    this.catchRetry = null; // timer of the next try after a failed catch-up
+    this.catchFailures = 0;
   }
 
   /** Confirmed messages in seq order, then our unconfirmed sends in send order. */
@@ -156,6 +158,7 @@ export class ChatClient extends EventTarget {
     this.typingTarget = null;
     this.lastTypingSent = 0;
     this.notice = null; // the latest error worth showing, {text, at}
+    this.lastClose = null; // close code of the last socket (1001: its node was shutting down)
   }
 
   // --- plumbing -----------------------------------------------------------
@@ -263,6 +266,13 @@ export class ChatClient extends EventTarget {
       if (!seen.has(id) && c.listed) this.chats.delete(id);
     }
     this.emit('chats');
+  }
+
+  /** refreshChats, tried again (while connected) until it works. */
+  refreshChatsUntilDone(attempt = 0) {
+    this.refreshChats().catch(() => {
+      if (this.ws) this.later(Math.min(2000, backoffDelay(attempt)), () => this.refreshChatsUntilDone(attempt + 1));
+    });
   }
 
   async createGroup(title, visibility, members = []) {
@@ -379,8 +389,10 @@ export class ChatClient extends EventTarget {
       c.catchAgain = true;
       return c.catching;
     }
+    this.cancel(c.catchRetry);
     c.catching = (async () => {
       let lagRetries = 0;
+      let failed = false;
       try {
         for (;;) {
           const query = c.head ? { after: c.head.id, limit: CATCH_UP_PAGE } : { limit: CATCH_UP_PAGE };
@@ -402,16 +414,23 @@ export class ChatClient extends EventTarget {
           }
           await new Promise((r) => this.later(150 * 2 ** lagRetries++, r));
         }
+        c.catchFailures = 0;
       } catch (e) {
-        // Offline or a server error: the next reconnect catches up again.
         if (e instanceof ApiError && e.status === 400 && c.head) {
           // The cursor is unknown to the server (its Redis was reset?):
           // start over from the latest page.
           c.head = null;
           c.catchAgain = true;
+        } else if (!(e instanceof ApiError && (e.status === 403 || e.status === 404))) {
+          // The network, or a 502/503 from the load balancer while a node
+          // is down: try again soon (a reconnect catches up anyway).
+          failed = true;
         }
       } finally {
         c.catching = null;
+        if (failed && this.ws) {
+          c.catchRetry = this.later(Math.min(2000, backoffDelay(c.catchFailures++)), () => this.catchUp(c));
+        }
         if (c.catchAgain) {
           c.catchAgain = false;
           this.catchUp(c);
@@ -490,6 +509,7 @@ export class ChatClient extends EventTarget {
 
   async onClose(code, opened) {
     if (this.stopped) return;
+    this.lastClose = code;
     for (const [id, o] of this.outbox) {
       this.cancel(o.timer);
       this.markSend(id, 'queued');
@@ -554,11 +574,7 @@ export class ChatClient extends EventTarget {
   async onOpen() {
     // Resend first: the server acks an id it already has with its first seq.
     for (const id of this.outbox.keys()) this.transmit(id);
-    try {
-      await this.refreshChats();
-    } catch {
-      /* shown by the next failure, retried at the next reconnect */
-    }
+    this.refreshChatsUntilDone();
     await Promise.all([...this.chats.values()].filter((c) => c.loaded).map((c) => this.catchUp(c)));
     this.emit('caught-up');
   }
