@@ -4,6 +4,7 @@
 //! bad value stops the process at start with a message naming the variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use shared::config::{self, check, or, required, ConfigError, Secret, Source};
@@ -12,6 +13,12 @@ use shared::config::{self, check, or, required, ConfigError, Secret, Source};
 pub struct Config {
     /// `GATEWAY_LISTEN`: where HTTP and WebSocket clients connect.
     pub listen: SocketAddr,
+    /// `GATEWAY_WEB_DIR`: the browser client's files (`index.html`,
+    /// `assets/`), served at `/`.
+    pub web_dir: PathBuf,
+    /// `CHAT_DEV_LOGIN=1`: `POST /v1/dev/login` issues a token for any name.
+    /// Development only; off unless set.
+    pub dev_login: bool,
     /// `GATEWAY_NODE_ID`: this node's name in logs and metrics.
     pub node_id: String,
     /// `CHAT_JWT_SECRET`: the HS256 key of client tokens.
@@ -99,6 +106,18 @@ impl Config {
         let log_format = check("LOG_FORMAT", log_format, |f| f == "text" || f == "json", "text or json")?;
         Ok(Config {
             listen: or(src, "GATEWAY_LISTEN", "0.0.0.0:8080".parse().expect("valid literal"))?,
+            web_dir: or(src, "GATEWAY_WEB_DIR", crate::web::default_web_dir().to_path_buf())?,
+            dev_login: match or(src, "CHAT_DEV_LOGIN", "0".to_string())?.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        name: "CHAT_DEV_LOGIN",
+                        value: other.to_string(),
+                        reason: "1 (on) or 0 (off)".into(),
+                    })
+                }
+            },
             node_id: or(src, "GATEWAY_NODE_ID", default_node_id())?,
             jwt_secret,
             redis_url: or(src, "REDIS_URL", "redis://127.0.0.1:6379".to_string())?,
@@ -278,6 +297,8 @@ mod tests {
     fn defaults_need_only_the_secret() {
         let c = Config::from_source(&env(&[("CHAT_JWT_SECRET", "0123456789abcdef")])).unwrap();
         assert_eq!(c.max_body_bytes, 4096);
+        assert!(!c.dev_login, "the development sign-in is off unless asked for");
+        assert!(c.web_dir.ends_with("web/public"));
         assert!(c.shards >= 1);
     }
 
@@ -292,5 +313,12 @@ mod tests {
         assert!(err.starts_with("GATEWAY_SHARDS=\"0\" is invalid"), "{err}");
         let err = Config::from_source(&env(&[])).unwrap_err().to_string();
         assert!(err.contains("CHAT_JWT_SECRET"), "{err}");
+        let err = Config::from_source(&env(&[
+            ("CHAT_JWT_SECRET", "0123456789abcdef"),
+            ("CHAT_DEV_LOGIN", "yes"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("CHAT_DEV_LOGIN=\"yes\" is invalid"), "{err}");
     }
 }

@@ -82,6 +82,7 @@ fn answer(result: Answer) -> Response {
 /// Every route of the gateway.
 pub fn routes(svc: Arc<Services>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let verifier = svc.verifier.clone();
+    let web = crate::web::routes(&svc.config);
     let identity = move || identity(verifier.clone());
     let with = move || {
         let svc = svc.clone();
@@ -152,6 +153,8 @@ pub fn routes(svc: Arc<Services>) -> impl Filter<Extract = (Response,), Error = 
         .or(remove)
         .unify()
         .or(history)
+        .unify()
+        .or(web)
         .unify()
         .recover(recover)
         .unify()

@@ -24,6 +24,7 @@ pub mod redis_pool;
 pub mod server;
 pub mod telemetry;
 pub mod typing;
+pub mod web;
 pub mod ws;
 
 use std::net::SocketAddr;

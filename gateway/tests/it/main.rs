@@ -19,3 +19,4 @@ mod ordering;
 mod private;
 mod redis_outage;
 mod typing;
+mod web;
