@@ -63,6 +63,55 @@ pub enum Scenario {
         #[arg(long, default_value_t = 120.0)]
         open_timeout: f64,
     },
+    /// History reads: GET /v1/chats/{chat}/messages?limit=L (the latest
+    /// page) from C keep-alive HTTP clients, closed loop, for D seconds.
+    History(HistoryArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HistoryArgs {
+    /// The WebSocket URL setup sends through (and whose http base is the
+    /// default --api).
+    #[arg(long)]
+    pub gateway: String,
+    /// Base URL of the gateway to read history from (http://host:port).
+    #[arg(long)]
+    pub api: Option<String>,
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Reuse this chat (with --user, a member) instead of creating one.
+    #[arg(long)]
+    pub chat: Option<uuid::Uuid>,
+    #[arg(long)]
+    pub user: Option<uuid::Uuid>,
+    /// Write "CHAT USER" of the chat created to this file.
+    #[arg(long)]
+    pub chat_out: Option<PathBuf>,
+    /// Only set up (create, send, wait for a full page on --api); no reads.
+    #[arg(long)]
+    pub setup_only: bool,
+    /// Messages sent at setup.
+    #[arg(long, default_value_t = 300)]
+    pub messages: usize,
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+    /// Page size read.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Concurrent HTTP clients (one request in flight each).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds allowed for setup and for history to show a full page.
+    #[arg(long, default_value_t = 60.0)]
+    pub setup_timeout: f64,
+    #[arg(long)]
+    pub allow_non_loopback: bool,
+    #[arg(long)]
+    pub label: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

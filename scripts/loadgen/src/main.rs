@@ -14,6 +14,7 @@
 mod body;
 mod cli;
 mod conn;
+mod history;
 mod report;
 mod run;
 mod schedule;
@@ -72,11 +73,25 @@ fn hard_deadline(s: &Scenario) -> Duration {
             common.setup_timeout + planned + 30.0
         }
         Scenario::Connections { hold, open_timeout, .. } => open_timeout + hold.max(1.0) + 30.0,
+        Scenario::History(h) => 2.0 * h.setup_timeout + h.warmup + h.duration + 30.0,
     };
     Duration::from_secs_f64(secs.clamp(1.0, 7.0 * 24.0 * 3600.0))
 }
 
 async fn run_cli(cli: Cli, nofile: u64) -> i32 {
+    if let Scenario::History(h) = &cli.scenario {
+        return match history::run(h).await {
+            Ok(()) => 0,
+            Err(e) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"tool": "loadgen", "scenario": "history", "error": format!("{e:#}")})
+                );
+                eprintln!("loadgen history: {e:#}");
+                1
+            }
+        };
+    }
     let started = Instant::now();
     let started_unix_ms = sys::now_ns() / 1_000_000;
     let cpu0 = sys::self_cpu();
@@ -164,6 +179,7 @@ async fn drive(scenario: &Scenario, common: &Common, report: &mut Report) -> any
             report.connections = Some(c?);
             return Ok(());
         }
+        Scenario::History(_) => unreachable!("history is run before drive"),
     };
     report.closes = ctx.shared.closes();
     report.stale = ctx.shared.stale.load(Relaxed);
@@ -229,5 +245,6 @@ fn describe(s: &Scenario) -> (&'static str, &'static str, Common, serde_json::Va
             json!({"connections": connections, "concurrency": concurrency, "hold": hold, "open_timeout": open_timeout,
                    "read_buffer": common.read_buffer}),
         ),
+        Scenario::History(_) => unreachable!("history is run before describe"),
     }
 }
