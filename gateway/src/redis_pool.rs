@@ -91,7 +91,7 @@ impl RedisPool {
     }
 
     async fn timed<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, RedisError> {
-        match tokio::time::timeout(self.inner.timeout, fut).await {
+        let result = match tokio::time::timeout(self.inner.timeout, fut).await {
             Err(_) => Err(RedisError::Timeout(self.inner.timeout)),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
@@ -99,7 +99,18 @@ impl RedisPool {
             }
             Ok(Err(e)) if e.kind() == redis::ErrorKind::TypeError => Err(RedisError::Reply(e.to_string())),
             Ok(Err(e)) => Err(RedisError::Unavailable(e.to_string())),
+        };
+        // Scripts append to the stream and publish: their failures are the
+        // node's queue and publish errors.
+        if let Err(e) = &result {
+            let kind = match e {
+                RedisError::Unavailable(_) => "unavailable",
+                RedisError::Timeout(_) => "timeout",
+                RedisError::Reply(_) => "reply",
+            };
+            metrics::counter!("gateway_redis_errors_total", "kind" => kind).increment(1);
         }
+        result
     }
 }
 
