@@ -22,8 +22,11 @@ const WRITE_SECONDS_BUCKETS: &[f64] = &[
 /// renders it. When a recorder is already installed (a second persister in
 /// one test process), the handle renders an empty registry and a warning is
 /// logged instead of failing.
-pub fn install_recorder() -> PrometheusHandle {
+/// Every metric is labelled `node` with the consumer name (the pod name on
+/// Kubernetes).
+pub fn install_recorder(node: &str) -> PrometheusHandle {
     let builder = PrometheusBuilder::new()
+        .add_global_label("node", node)
         .set_buckets_for_metric(Matcher::Full("persister_batch_size".into()), BATCH_SIZE_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full("persister_write_seconds".into()), WRITE_SECONDS_BUCKETS));
     let builder = match builder {

@@ -83,7 +83,7 @@ pub struct Persister {
 impl Persister {
     /// Installs the metrics recorder and binds the metrics port.
     pub async fn build(config: Config) -> Result<Persister, Error> {
-        let metrics = http::install_recorder();
+        let metrics = http::install_recorder(&config.consumer);
         let addr = config.metrics_listen;
         let listener = http::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let metrics_addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;

@@ -63,6 +63,20 @@ impl LazyFrames {
         }
     }
 
+    /// The event's contract `type`, for metrics.
+    pub(super) fn kind(&self) -> &'static str {
+        match self.event {
+            ServerEvent::Message(_) => "message",
+            ServerEvent::Typing { .. } => "typing",
+            ServerEvent::Joined { .. } => "joined",
+            ServerEvent::Left { .. } => "left",
+            ServerEvent::Ack { .. } => "ack",
+            ServerEvent::Pong { .. } => "pong",
+            ServerEvent::Authed { .. } => "authed",
+            ServerEvent::Error { .. } => "error",
+        }
+    }
+
     pub(super) fn get(&mut self, encoding: Encoding) -> Frame {
         let LazyFrames { event, json, msgpack } = self;
         let slot = match encoding {

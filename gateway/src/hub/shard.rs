@@ -118,12 +118,16 @@ impl Shard {
                 };
                 let sender = sending_conn(&event, d.origin);
                 let mut frames = LazyFrames::new(server_event(event));
+                let kind = frames.kind();
+                let mut pushed = 0u64;
                 for conn in conns.iter().filter(|c| Some(c.id) != sender) {
+                    pushed += 1;
                     conn.push(Outbound::Frame(frames.get(conn.encoding())));
                     if let Some(control) = &control {
                         conn.push(control.clone());
                     }
                 }
+                metrics::counter!("gateway_events_out_total", "type" => kind).increment(pushed);
             }
             (Channel::Chat(chat), event) => {
                 // A leave takes effect here, in channel order: no message
@@ -146,12 +150,16 @@ impl Shard {
                 };
                 let sender = sending_conn(&event, d.origin);
                 let mut frames = LazyFrames::new(server_event(event));
+                let kind = frames.kind();
+                let mut pushed = 0u64;
                 for conn in conns {
                     if Some(conn.id) == sender || Some(conn.user) == skip_user {
                         continue;
                     }
+                    pushed += 1;
                     conn.push(Outbound::Frame(frames.get(conn.encoding())));
                 }
+                metrics::counter!("gateway_events_out_total", "type" => kind).increment(pushed);
             }
         }
     }
