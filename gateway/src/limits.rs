@@ -63,10 +63,6 @@ impl RateLimiter {
         self.buckets
             .retain(|_, b| now.saturating_duration_since(b.last) < refill);
     }
-
-    pub fn tracked(&self) -> usize {
-        self.buckets.len()
-    }
 }
 
 /// Why a connection was refused at the handshake.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script, ScriptInvocation};
+use redis::{FromRedisValue, ScriptInvocation};
 
 /// Redis could not answer: down, restarting, or slower than the timeout.
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +112,4 @@ impl RedisPool {
         }
         result
     }
-}
-
-/// Loads a script from `gateway/src/scripts/`.
-pub fn script(source: &'static str) -> Script {
-    Script::new(source)
 }

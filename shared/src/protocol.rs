@@ -145,6 +145,20 @@ pub enum ServerEvent {
 }
 
 impl ServerEvent {
+    /// The contract's `type` tag, for metrics labels and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerEvent::Message(_) => "message",
+            ServerEvent::Ack { .. } => "ack",
+            ServerEvent::Typing { .. } => "typing",
+            ServerEvent::Joined { .. } => "joined",
+            ServerEvent::Left { .. } => "left",
+            ServerEvent::Pong { .. } => "pong",
+            ServerEvent::Authed { .. } => "authed",
+            ServerEvent::Error { .. } => "error",
+        }
+    }
+
     pub fn error(code: ErrorCode, message: impl Into<String>, reference: Option<String>) -> Self {
         ServerEvent::Error {
             code,

@@ -11,8 +11,6 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use uuid::Uuid;
-
 use crate::ids::{ChatId, UserId};
 use crate::protocol::Message;
 
@@ -82,14 +80,6 @@ pub enum JobError {
 }
 
 impl Job {
-    /// The chat this job belongs to.
-    pub fn chat(&self) -> ChatId {
-        match self {
-            Job::Message(m) => m.chat,
-            Job::Chat { chat, .. } | Job::Member { chat, .. } => *chat,
-        }
-    }
-
     /// The reference encoding: the field/value pairs of the stream entry.
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
         let mut f = vec![("v", FORMAT_VERSION.to_string())];
@@ -229,14 +219,10 @@ where
     })
 }
 
-/// Parses a UUID field; exposed for callers that read single fields.
-pub fn parse_uuid(field: &'static str, text: &str) -> Result<Uuid, JobError> {
-    parse_value(field, text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     fn roundtrip(job: Job) {
         let fields: HashMap<String, Vec<u8>> = job

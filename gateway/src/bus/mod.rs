@@ -18,9 +18,9 @@
 pub mod subscriber;
 
 use serde::Deserialize;
-use shared::protocol::Message;
+use shared::protocol::{Message, ServerEvent};
 
-use crate::hub::{Channel, ConnId, Delivery, Event};
+use crate::hub::{Channel, ConnId, Delivery};
 
 /// Names this node in envelopes, so it recognises its own publications.
 #[derive(Debug, Clone)]
@@ -92,7 +92,7 @@ pub fn decode(channel: &str, payload: &[u8], origin: &Origin) -> Result<Delivery
         }
     };
     let event = match kind.as_str() {
-        "m" => Event::Message(Message {
+        "m" => ServerEvent::Message(Message {
             id: uuid(&id, "id")?,
             chat: uuid(&chat, "chat")?,
             seq,
@@ -101,16 +101,16 @@ pub fn decode(channel: &str, payload: &[u8], origin: &Origin) -> Result<Delivery
             body,
             ts,
         }),
-        "t" => Event::Typing {
+        "t" => ServerEvent::Typing {
             from: uuid(&from, "from")?,
             chat: optional(&chat, "chat")?,
             to: optional(&to, "to")?,
         },
-        "j" => Event::Joined {
+        "j" => ServerEvent::Joined {
             chat: uuid(&chat, "chat")?,
             user: uuid(&from, "user")?,
         },
-        "l" => Event::Left {
+        "l" => ServerEvent::Left {
             chat: uuid(&chat, "chat")?,
             user: uuid(&from, "user")?,
         },
@@ -146,7 +146,7 @@ mod tests {
         let d = decode(&format!("c:{chat}"), &payload, &origin).unwrap();
         assert_eq!(d.origin, Some(7));
         assert_eq!(d.channel, Channel::Chat(chat));
-        let Event::Message(m) = d.event else {
+        let ServerEvent::Message(m) = d.event else {
             panic!("not a message")
         };
         assert_eq!((m.seq, m.to, m.body.as_str()), (3, None, "hi"));

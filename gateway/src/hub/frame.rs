@@ -37,14 +37,6 @@ impl Frame {
     pub fn into_message(self) -> WsMessage {
         self.0
     }
-
-    pub fn len(&self) -> usize {
-        self.0.as_bytes().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// An event with its frames, encoded on first use per encoding.
@@ -65,16 +57,7 @@ impl LazyFrames {
 
     /// The event's contract `type`, for metrics.
     pub(super) fn kind(&self) -> &'static str {
-        match self.event {
-            ServerEvent::Message(_) => "message",
-            ServerEvent::Typing { .. } => "typing",
-            ServerEvent::Joined { .. } => "joined",
-            ServerEvent::Left { .. } => "left",
-            ServerEvent::Ack { .. } => "ack",
-            ServerEvent::Pong { .. } => "pong",
-            ServerEvent::Authed { .. } => "authed",
-            ServerEvent::Error { .. } => "error",
-        }
+        self.event.kind()
     }
 
     pub(super) fn get(&mut self, encoding: Encoding) -> Frame {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use shared::codec::Encoding;
 use shared::ids::{ChatId, UserId};
-use shared::protocol::Message;
+use shared::protocol::ServerEvent;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -133,32 +133,14 @@ impl Channel {
     }
 }
 
-/// An event that arrived for local connections.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    Message(Message),
-    Typing {
-        from: UserId,
-        chat: Option<ChatId>,
-        to: Option<UserId>,
-    },
-    Joined {
-        chat: ChatId,
-        user: UserId,
-    },
-    Left {
-        chat: ChatId,
-        user: UserId,
-    },
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub channel: Channel,
     /// The local connection that sent it: a message does not go back to the
     /// connection that sent it (that one gets the `ack`).
     pub origin: Option<ConnId>,
-    pub event: Event,
+    /// A `message`, `typing`, `joined` or `left` event.
+    pub event: ServerEvent,
 }
 
 /// What a shard asks of its bus: Redis channel interest.
@@ -197,10 +179,6 @@ impl Hub {
         Hub {
             shards: Arc::new(shards),
         }
-    }
-
-    pub fn shard_count(&self) -> usize {
-        self.shards.len()
     }
 
     /// The shard that owns `id` (a user's connections or a chat's members).

@@ -13,7 +13,7 @@ use shared::protocol::ServerEvent;
 use tokio::sync::{mpsc, oneshot};
 
 use super::frame::LazyFrames;
-use super::{BusDown, Channel, Conn, ConnId, Delivery, Event, Interest, Outbound};
+use super::{BusDown, Channel, Conn, ConnId, Delivery, Interest, Outbound};
 
 pub(super) enum Command {
     AttachUser {
@@ -112,12 +112,12 @@ impl Shard {
                     return;
                 };
                 let control = match &event {
-                    Event::Joined { chat, user: who } if *who == user => Some(Outbound::Joined(*chat)),
-                    Event::Left { chat, user: who } if *who == user => Some(Outbound::Left(*chat)),
+                    ServerEvent::Joined { chat, user: who } if *who == user => Some(Outbound::Joined(*chat)),
+                    ServerEvent::Left { chat, user: who } if *who == user => Some(Outbound::Left(*chat)),
                     _ => None,
                 };
                 let sender = sending_conn(&event, d.origin);
-                let mut frames = LazyFrames::new(server_event(event));
+                let mut frames = LazyFrames::new(event);
                 let kind = frames.kind();
                 let mut pushed = 0u64;
                 for conn in conns.iter().filter(|c| Some(c.id) != sender) {
@@ -132,7 +132,7 @@ impl Shard {
             (Channel::Chat(chat), event) => {
                 // A leave takes effect here, in channel order: no message
                 // published after it reaches the user's connections.
-                if let Event::Left { user, .. } = &event {
+                if let ServerEvent::Left { user, .. } = &event {
                     let user = *user;
                     if detach(&mut self.chats, chat, |c| c.user == user) {
                         self.unsubscribe(Channel::Chat(chat)).await;
@@ -144,12 +144,12 @@ impl Shard {
                 // Membership and typing events reach the user concerned
                 // through the user's own channel, not this one.
                 let skip_user = match &event {
-                    Event::Typing { from, .. } => Some(*from),
-                    Event::Joined { user, .. } | Event::Left { user, .. } => Some(*user),
-                    Event::Message(_) => None,
+                    ServerEvent::Typing { from, .. } => Some(*from),
+                    ServerEvent::Joined { user, .. } | ServerEvent::Left { user, .. } => Some(*user),
+                    _ => None,
                 };
                 let sender = sending_conn(&event, d.origin);
-                let mut frames = LazyFrames::new(server_event(event));
+                let mut frames = LazyFrames::new(event);
                 let kind = frames.kind();
                 let mut pushed = 0u64;
                 for conn in conns {
@@ -167,19 +167,10 @@ impl Shard {
 
 /// The connection a message must skip: its sender, which gets the `ack`.
 /// Membership events go to the connection that asked, too.
-fn sending_conn(event: &Event, origin: Option<ConnId>) -> Option<ConnId> {
+fn sending_conn(event: &ServerEvent, origin: Option<ConnId>) -> Option<ConnId> {
     match event {
-        Event::Message(_) => origin,
+        ServerEvent::Message(_) => origin,
         _ => None,
-    }
-}
-
-fn server_event(event: Event) -> ServerEvent {
-    match event {
-        Event::Message(m) => ServerEvent::Message(m),
-        Event::Typing { from, chat, to } => ServerEvent::Typing { from, chat, to },
-        Event::Joined { chat, user } => ServerEvent::Joined { chat, user },
-        Event::Left { chat, user } => ServerEvent::Left { chat, user },
     }
 }
 

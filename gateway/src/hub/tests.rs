@@ -4,7 +4,7 @@ use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shared::protocol::Message;
+use shared::protocol::{Message, ServerEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -45,8 +45,8 @@ fn client(id: ConnId, user: UserId, queue: usize) -> Client {
     Client { conn, rx }
 }
 
-fn message(chat: ChatId, from: UserId, seq: i64) -> Event {
-    Event::Message(Message {
+fn message(chat: ChatId, from: UserId, seq: i64) -> ServerEvent {
+    ServerEvent::Message(Message {
         id: Uuid::now_v7(),
         chat,
         seq,
@@ -123,7 +123,7 @@ async fn a_leave_on_the_chat_channel_stops_later_messages_to_that_user() {
         Delivery {
             channel: Channel::Chat(chat),
             origin: None,
-            event: Event::Left { chat, user: bob },
+            event: ServerEvent::Left { chat, user: bob },
         },
     )
     .await;
@@ -206,7 +206,7 @@ async fn joined_on_the_user_channel_tells_every_device_to_receive_the_chat() {
     let d = Delivery {
         channel: Channel::User(user),
         origin: Some(1),
-        event: Event::Joined { chat, user },
+        event: ServerEvent::Joined { chat, user },
     };
     hub.deliver(hub.shard_of(user), d).await;
     for dev in [&mut d1, &mut d2] {
