@@ -22,6 +22,7 @@ use crate::auth::{token_from, Identity};
 use crate::chats::ChatError;
 use crate::history::{Window, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::limits::ConnRefused;
+use crate::ws::upgrade::{Handshake, NotWebSocket};
 use crate::ws::{self, OpenError};
 use crate::Services;
 
@@ -105,7 +106,7 @@ pub fn routes(svc: Arc<Services>) -> impl Filter<Extract = (Response,), Error = 
         .and(with())
         .and(identity())
         .and(warp::header::optional::<String>("origin"))
-        .and(warp::ws())
+        .and(ws::upgrade::handshake())
         .then(upgrade);
 
     let create = warp::path!("v1" / "chats")
@@ -197,6 +198,8 @@ fn json_body() -> impl Filter<Extract = (serde_json::Value,), Error = Rejection>
 async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     let error = if let Some(Unauthorized(msg)) = rejection.find() {
         ApiError::unauthorized(msg.clone())
+    } else if let Some(NotWebSocket(msg)) = rejection.find() {
+        ApiError::bad_request(*msg)
     } else if let Some(BadJson(msg)) = rejection.find() {
         ApiError::bad_request(format!("body is not valid JSON: {msg}"))
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
@@ -229,7 +232,7 @@ async fn readyz(svc: Arc<Services>) -> Response {
     warp::reply::with_status(if ready { "ready" } else { "not ready" }, status).into_response()
 }
 
-async fn upgrade(svc: Arc<Services>, who: Identity, origin: Option<String>, upgrade: warp::ws::Ws) -> Response {
+async fn upgrade(svc: Arc<Services>, who: Identity, origin: Option<String>, handshake: Handshake) -> Response {
     // Cross-site WebSocket hijacking: with an allowlist, a page of another
     // site cannot open a socket from a user's browser. Clients that are not
     // browsers send no Origin and are not affected.
@@ -239,14 +242,10 @@ async fn upgrade(svc: Arc<Services>, who: Identity, origin: Option<String>, upgr
             return ApiError::new(ErrorCode::Forbidden, format!("origin {origin:?} is not allowed")).into_response();
         }
     }
-    let frame_limit = svc.config.max_frame_bytes;
+    let config = ws::upgrade::socket_config(svc.config.max_frame_bytes);
     let tracker = svc.sessions.clone();
     match ws::open(svc, who).await {
-        Ok(session) => upgrade
-            .max_frame_size(frame_limit)
-            .max_message_size(frame_limit)
-            .on_upgrade(move |socket| tracker.track_future(session.run(socket)))
-            .into_response(),
+        Ok(session) => handshake.accept(config, move |socket| tracker.track_future(session.run(socket))),
         Err(OpenError::Refused(ConnRefused::User)) => ApiError::new(
             ErrorCode::RateLimited,
             "too many connections for this user on this node",

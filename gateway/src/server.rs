@@ -6,18 +6,25 @@
 //! slowloris client trickling its headers byte by byte is cut off instead of
 //! holding a socket forever. On shutdown it stops accepting and lets open
 //! HTTP exchanges finish; upgraded WebSockets are the sessions' to close.
+//! It also hands each request's pending upgrade to the routes in a form a
+//! warp filter can take (`ws::upgrade`).
 
 use std::convert::Infallible;
 use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_service::Service;
+use warp::http::Request;
 use warp::reply::Response;
 use warp::Filter;
+
+use crate::ws::upgrade::PendingUpgrade;
 
 /// Serves `routes` on `listener` until `shutdown` fires and open exchanges end.
 pub async fn serve<F>(listener: TcpListener, routes: F, handshake_timeout: Duration, shutdown: CancellationToken)
@@ -39,7 +46,13 @@ where
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(warp::service(routes.clone()));
+        let routes = warp::service(routes.clone());
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            if let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() {
+                request.extensions_mut().insert(PendingUpgrade::new(on_upgrade));
+            }
+            routes.clone().call(request)
+        });
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());

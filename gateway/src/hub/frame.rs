@@ -2,7 +2,7 @@
 
 use shared::codec::{encode, Encoding};
 use shared::protocol::ServerEvent;
-use warp::ws::Message as WsMessage;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// A WebSocket frame ready to write. Cloning shares the bytes.
 #[derive(Debug, Clone)]

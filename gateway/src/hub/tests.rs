@@ -97,8 +97,8 @@ async fn a_chat_message_reaches_every_local_member_but_its_sender_encoded_once()
     let f2 = next_frame(&mut b2).await;
     // The same bytes, not two encodings of the same event.
     let (m1, m2) = (f1.into_message(), f2.into_message());
-    assert_eq!(m1.as_bytes().as_ptr(), m2.as_bytes().as_ptr());
-    let json: serde_json::Value = serde_json::from_slice(m1.as_bytes()).unwrap();
+    assert_eq!(m1.clone().into_data().as_ptr(), m2.into_data().as_ptr());
+    let json: serde_json::Value = serde_json::from_slice(&m1.into_data()).unwrap();
     assert_eq!(json["type"], "message");
     assert_eq!(json["seq"], 1);
     settle(&hub, chat).await;
@@ -137,9 +137,9 @@ async fn a_leave_on_the_chat_channel_stops_later_messages_to_that_user() {
     )
     .await;
 
-    let left: serde_json::Value = serde_json::from_slice(next_frame(&mut a).await.into_message().as_bytes()).unwrap();
+    let left: serde_json::Value = serde_json::from_slice(&next_frame(&mut a).await.into_message().into_data()).unwrap();
     assert_eq!(left["type"], "left");
-    let msg: serde_json::Value = serde_json::from_slice(next_frame(&mut a).await.into_message().as_bytes()).unwrap();
+    let msg: serde_json::Value = serde_json::from_slice(&next_frame(&mut a).await.into_message().into_data()).unwrap();
     assert_eq!(msg["seq"], 2);
     settle(&hub, chat).await;
     assert!(

@@ -3,13 +3,15 @@
 //! `open` runs before the HTTP upgrade completes: it registers the
 //! connection in the hub and waits until the node receives the user's
 //! channel and the channels of the user's groups, so nothing sent to the
-//! user after the handshake is missed. `session` then owns the socket: it
+//! user after the handshake is missed. `upgrade` answers the handshake and
+//! hands over the socket. `session` then owns the socket: it
 //! reads frames, hands each event to its handler in `events`, and writes
 //! what the hub queues for it.
 
 pub mod drain;
 mod events;
 mod session;
+pub mod upgrade;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;

@@ -7,7 +7,6 @@
 //! removes its connection from the hub.
 
 use std::collections::HashSet;
-use std::error::Error as _;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,12 +18,13 @@ use shared::ids::ChatId;
 use shared::protocol::{close, ErrorCode, ServerEvent};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite;
-use warp::ws::{Message as WsMessage, WebSocket};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
 use crate::auth::Identity;
 use crate::hub::{encode_encoding, Conn, Frame, Outbound};
 use crate::limits::ConnSlot;
+use crate::ws::upgrade::Socket;
 use crate::Services;
 
 /// Frames written per flush when the queue has a backlog.
@@ -63,7 +63,7 @@ enum Flow {
     Gone,
 }
 
-type Sink = SplitSink<WebSocket, WsMessage>;
+type Sink = SplitSink<Socket, WsMessage>;
 
 impl Session {
     pub(super) fn new(
@@ -94,7 +94,7 @@ impl Session {
     }
 
     /// Serves the upgraded socket until either side ends it.
-    pub async fn run(mut self, socket: WebSocket) {
+    pub async fn run(mut self, socket: Socket) {
         metrics::gauge!("gateway_connections").increment(1.0);
         let (mut sink, mut stream) = socket.split();
         let overflow = self.conn.overflow_token();
@@ -169,7 +169,14 @@ impl Session {
             } else {
                 CLOSE_WRITE
             };
-            let _ = tokio::time::timeout(close_write, sink.send(WsMessage::close_with(code, reason))).await;
+            let _ = tokio::time::timeout(
+                close_write,
+                sink.send(WsMessage::Close(Some(CloseFrame {
+                    code: code.into(),
+                    reason: reason.into(),
+                }))),
+            )
+            .await;
             // Read, and drop, until the client's Close: closing a socket with
             // unread bytes makes the kernel send a reset, which would discard
             // the acks and the Close frame still on their way to the client.
@@ -189,7 +196,7 @@ impl Session {
     /// Handles the frames already received and readable now, without waiting
     /// for more, until `until` (a client that keeps sending is cut off). An
     /// event started is finished: an accepted send always gets its ack.
-    async fn answer_received(&mut self, stream: &mut SplitStream<WebSocket>, sink: &mut Sink, until: Instant) {
+    async fn answer_received(&mut self, stream: &mut SplitStream<Socket>, sink: &mut Sink, until: Instant) {
         for _ in 0..DRAIN_FRAMES {
             if Instant::now() >= until {
                 return;
@@ -212,25 +219,23 @@ impl Session {
             metrics::counter!("gateway_silent_drops_total").increment(1);
             return Flow::Gone;
         }
-        self.send_bounded(sink, WsMessage::ping(Vec::new())).await
+        self.send_bounded(sink, WsMessage::Ping(Default::default())).await
     }
 
     async fn on_frame(&mut self, msg: WsMessage, sink: &mut Sink) -> Flow {
         self.last_heard = Instant::now();
-        let encoding = if msg.is_text() {
-            Encoding::Json
-        } else if msg.is_binary() {
-            Encoding::MsgPack
-        } else if msg.is_close() {
-            return Flow::Gone;
-        } else {
-            return Flow::Continue; // ping/pong: tungstenite answers pings itself
+        let (encoding, bytes) = match msg {
+            WsMessage::Text(text) => (Encoding::Json, text.into()),
+            WsMessage::Binary(bytes) => (Encoding::MsgPack, bytes),
+            WsMessage::Close(_) => return Flow::Gone,
+            // ping/pong: tungstenite answers pings itself
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => return Flow::Continue,
         };
         if self.chosen.is_none() {
             self.chosen = Some(encoding);
             self.encoding.store(encode_encoding(encoding), Ordering::Relaxed);
         }
-        let reply = match decode_client(msg.as_bytes(), encoding) {
+        let reply = match decode_client(&bytes, encoding) {
             Ok(frame) => {
                 metrics::counter!("gateway_events_in_total", "type" => frame.event.kind()).increment(1);
                 self.handle(frame).await
@@ -326,9 +331,6 @@ pub(super) fn expiry_instant(exp: i64) -> Instant {
 }
 
 /// Whether a read failed because the frame was over the size limit.
-fn is_too_big(e: &warp::Error) -> bool {
-    matches!(
-        e.source().and_then(|s| s.downcast_ref::<tungstenite::Error>()),
-        Some(tungstenite::Error::Capacity(_))
-    )
+fn is_too_big(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Capacity(_))
 }

@@ -202,6 +202,36 @@ async fn a_frame_over_the_frame_limit_closes_the_connection_with_1009() {
     again.ping().await;
 }
 
+#[tokio::test]
+async fn a_frame_just_under_the_limit_is_read_whole_and_answered() {
+    // Far larger than the 4 KiB the gateway reads per attempt.
+    let stack = Stack::start(one_gateway()).await;
+    let mut client = stack.connect(0, harness::user()).await;
+    let padding = " ".repeat(MAX_FRAME - 100);
+    client
+        .send_text(&format!(r#"{{"type":"ping",{padding}"ref":"big"}}"#))
+        .await;
+    let pong = client.next_event(DEFAULT_TIMEOUT).await;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    assert_eq!(pong["ref"], "big", "{pong}");
+}
+
+#[tokio::test]
+async fn a_plain_get_of_the_websocket_endpoint_is_a_bad_request() {
+    let stack = Stack::start(one_gateway()).await;
+    let token = stack.token(harness::user());
+    let (status, body) = stack
+        .http(0)
+        .request(reqwest::Method::GET, "/v1/ws", Some(&token), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "bad_request", "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("WebSocket upgrade"),
+        "{body}"
+    );
+}
+
 /// The next frame, which must be binary MessagePack: a map with string keys.
 async fn msgpack_frame(client: &mut Client, what: &str) -> Value {
     let frame = client.next_frame(DEFAULT_TIMEOUT).await;
