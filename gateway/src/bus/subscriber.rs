@@ -49,6 +49,8 @@ struct Supervisor {
     sink: Option<PubSubSink>,
 }
 
+/// Interest requests handled in one round of Redis calls.
+const INTEREST_BATCH: usize = 512;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -71,7 +73,7 @@ impl Supervisor {
             }
             tokio::select! {
                 cmd = interest.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd).await,
+                    Some(cmd) => self.handle(cmd, &mut interest).await,
                     None => return,
                 },
                 _ = wait_gone(&mut reader_gone) => {
@@ -88,52 +90,105 @@ impl Supervisor {
         }
     }
 
-    async fn handle(&mut self, cmd: Interest) {
-        match cmd {
-            Interest::Subscribe(channel) => {
-                if self.channels.insert(channel.clone()) {
-                    if let Some(sink) = &mut self.sink {
-                        if let Err(e) = sink.subscribe(&channel).await {
-                            tracing::warn!(error = %e, "subscribe failed; will resubscribe on reconnect");
-                            self.sink = None;
-                        }
+    /// Handles `first` and whatever else the shard has queued (up to a
+    /// batch): one SUBSCRIBE and one UNSUBSCRIBE round trip for all of it,
+    /// rather than one per channel, so connections opening together wait
+    /// for Redis once. Barriers are answered after the batch is in effect.
+    async fn handle(&mut self, first: Interest, interest: &mut mpsc::Receiver<Interest>) {
+        let mut subscribe = HashSet::new();
+        let mut unsubscribe = HashSet::new();
+        let mut barriers = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(cmd) = next.take() {
+            match cmd {
+                // Net changes only: a channel wanted and dropped within the
+                // batch costs Redis nothing.
+                Interest::Subscribe(channel) => {
+                    if self.channels.insert(channel.clone()) && !unsubscribe.remove(&channel) {
+                        subscribe.insert(channel);
                     }
                 }
-            }
-            Interest::Unsubscribe(channel) => {
-                if self.channels.remove(&channel) {
-                    if let Some(sink) = &mut self.sink {
-                        if sink.unsubscribe(&channel).await.is_err() {
-                            self.sink = None;
-                        }
+                Interest::Unsubscribe(channel) => {
+                    if self.channels.remove(&channel) && !subscribe.remove(&channel) {
+                        unsubscribe.insert(channel);
                     }
                 }
+                Interest::Barrier(ready) => barriers.push(ready),
             }
-            Interest::Barrier(ready) => {
-                if self.sink.is_none() {
-                    // A new connection asks: try once now rather than at the
-                    // next backoff tick.
-                    let _ = self.connect().await;
-                }
-                let _ = ready.send(if self.sink.is_some() { Ok(()) } else { Err(BusDown) });
+            taken += 1;
+            if taken < INTEREST_BATCH {
+                next = interest.try_recv().ok();
             }
+        }
+        if let Some(sink) = &self.sink {
+            if let Err(e) = each(sink, Change::Subscribe, subscribe.iter()).await {
+                tracing::warn!(error = %e, "subscribe failed; will resubscribe on reconnect");
+                self.sink = None;
+            }
+        }
+        if let Some(sink) = &self.sink {
+            if each(sink, Change::Unsubscribe, unsubscribe.iter()).await.is_err() {
+                self.sink = None;
+            }
+        }
+        if barriers.is_empty() {
+            return;
+        }
+        if self.sink.is_none() {
+            // Subscribes everything wanted, this batch included.
+            let _ = self.connect().await;
+        }
+        let answer = if self.sink.is_some() { Ok(()) } else { Err(BusDown) };
+        for ready in barriers {
+            let _ = ready.send(answer.clone());
         }
     }
 
-    /// Opens a pub/sub connection, subscribes every wanted channel and starts
-    /// its reader; the receiver fires when the reader ends.
     async fn connect(&mut self) -> Result<oneshot::Receiver<()>, redis::RedisError> {
         let pubsub = self.client.get_async_pubsub().await?;
-        let (mut sink, stream) = pubsub.split();
+        let (sink, stream) = pubsub.split();
         let channels: Vec<&String> = self.channels.iter().collect();
-        for chunk in channels.chunks(512) {
-            sink.subscribe(chunk).await?;
+        for chunk in channels.chunks(INTEREST_BATCH) {
+            each(&sink, Change::Subscribe, chunk.iter().copied()).await?;
         }
         let (gone_tx, gone_rx) = oneshot::channel();
         tokio::spawn(read(stream, self.shard, self.hub.clone(), self.origin.clone(), gone_tx));
         self.sink = Some(sink);
         Ok(gone_rx)
     }
+}
+
+enum Change {
+    Subscribe,
+    Unsubscribe,
+}
+
+/// Subscribes to (or unsubscribes from) `channels`, pipelined: one command
+/// per channel, all sent before the first reply is read, and returns once
+/// Redis has confirmed every one.
+///
+/// One command per channel because redis-rs 0.32 matches confirmations to
+/// requests one for one: `SUBSCRIBE a b` gets two confirmations, the call
+/// returns on the first, and the second would be taken as the answer to
+/// the next request, reporting a later subscription in effect too early.
+async fn each<'a>(
+    sink: &PubSubSink,
+    change: Change,
+    channels: impl Iterator<Item = &'a String>,
+) -> redis::RedisResult<()> {
+    let calls = channels.map(|channel| {
+        let mut sink = sink.clone();
+        let subscribe = matches!(change, Change::Subscribe);
+        async move {
+            if subscribe {
+                sink.subscribe(channel).await
+            } else {
+                sink.unsubscribe(channel).await
+            }
+        }
+    });
+    futures_util::future::try_join_all(calls).await.map(|_| ())
 }
 
 async fn wait_gone(gone: &mut Option<oneshot::Receiver<()>>) {

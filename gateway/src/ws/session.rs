@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use shared::codec::{decode_client, Encoding};
 use shared::ids::ChatId;
@@ -63,8 +62,6 @@ enum Flow {
     Gone,
 }
 
-type Sink = SplitSink<Socket, WsMessage>;
-
 impl Session {
     pub(super) fn new(
         svc: Arc<Services>,
@@ -94,53 +91,68 @@ impl Session {
     }
 
     /// Serves the upgraded socket until either side ends it.
-    pub async fn run(mut self, socket: Socket) {
+    ///
+    /// The loop wakes for every frame the hub queues, so what it waits on is
+    /// built once, outside it: re-creating a timer or a cancellation future
+    /// per wake costs a timer-wheel insertion or a lock each time.
+    pub async fn run(mut self, mut ws: Socket) {
         metrics::gauge!("gateway_connections").increment(1.0);
-        let (mut sink, mut stream) = socket.split();
-        let overflow = self.conn.overflow_token();
+        let overflow_token = self.conn.overflow_token();
+        let overflow = overflow_token.cancelled();
         // Once the node drains, this session waits for its turn to close
-        // (paced node-wide) and keeps serving meanwhile.
+        // (paced node-wide) and keeps serving meanwhile. A child token: its
+        // lock is this session's, not one shared by every session.
+        let shutdown = self.svc.shutdown.child_token();
         let svc = self.svc.clone();
         let closing = async move {
-            svc.shutdown.cancelled().await;
+            shutdown.cancelled().await;
             svc.drain.turn(svc.sessions.len()).await;
         };
-        tokio::pin!(closing);
         let (ping_every, ping_timeout) = (self.svc.config.ping_interval, self.svc.config.ping_timeout);
+        let silence = ping_every + ping_timeout;
         let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let expiry = tokio::time::sleep_until(self.expires);
+        // Armed before each write of queued frames (moving a deadline later
+        // is lock-free in tokio's timer).
+        let stall = tokio::time::sleep(silence);
+        tokio::pin!(overflow, closing, expiry, stall);
         let flow = loop {
-            let expiry = tokio::time::sleep_until(self.expires);
+            if expiry.deadline() != self.expires {
+                // The client renewed its token.
+                expiry.as_mut().reset(self.expires);
+            }
             let flow = tokio::select! {
                 biased;
-                _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
+                _ = &mut overflow => Flow::Close(close::POLICY, "outgoing queue overflow"),
                 _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
-                _ = expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
-                _ = pings.tick() => self.ping(&mut sink, ping_every + ping_timeout).await,
+                _ = &mut expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
+                _ = pings.tick() => self.ping(&mut ws, silence).await,
                 out = self.rx.recv() => match out {
                     // A client that stops reading blocks this write once the
                     // socket buffers are full: the reasons to close must
                     // still end it, and a write stalled as long as a silent
                     // client may be is a gone client.
-                    Some(first) => tokio::select! {
-                        biased;
-                        _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
-                        _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
-                        _ = tokio::time::sleep_until(self.expires) => {
-                            Flow::Close(close::TOKEN_EXPIRED, "token expired")
+                    Some(first) => {
+                        stall.as_mut().reset(Instant::now() + silence);
+                        tokio::select! {
+                            biased;
+                            _ = &mut overflow => Flow::Close(close::POLICY, "outgoing queue overflow"),
+                            _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
+                            _ = &mut expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
+                            _ = &mut stall => {
+                                metrics::counter!("gateway_silent_drops_total").increment(1);
+                                Flow::Gone
+                            }
+                            flow = self.write_queued(first, &mut ws) => flow,
                         }
-                        _ = tokio::time::sleep(ping_every + ping_timeout) => {
-                            metrics::counter!("gateway_silent_drops_total").increment(1);
-                            Flow::Gone
-                        }
-                        flow = self.write_queued(first, &mut sink) => flow,
-                    },
+                    }
                     None => Flow::Gone,
                 },
-                frame = stream.next() => match frame {
+                frame = ws.next() => match frame {
                     None => Flow::Gone,
                     Some(Err(e)) if is_too_big(&e) => Flow::Close(close::TOO_BIG, "frame too large"),
                     Some(Err(_)) => Flow::Gone,
-                    Some(Ok(msg)) => self.on_frame(msg, &mut sink).await,
+                    Some(Ok(msg)) => self.on_frame(msg, &mut ws).await,
                 },
             };
             if !matches!(flow, Flow::Continue) {
@@ -160,7 +172,7 @@ impl Session {
                 // Events the client sent before it could know we are leaving
                 // get their answers (ack or error) before the Close frame.
                 let answering = (Instant::now() + DRAIN_ANSWERING).min(deadline);
-                self.answer_received(&mut stream, &mut sink, answering).await;
+                self.answer_received(&mut ws, answering).await;
             }
             // A slow reader gets the Close frame only after what it has not
             // read yet: give it as long as a silent client gets.
@@ -171,7 +183,7 @@ impl Session {
             };
             let _ = tokio::time::timeout(
                 close_write,
-                sink.send(WsMessage::Close(Some(CloseFrame {
+                ws.send(WsMessage::Close(Some(CloseFrame {
                     code: code.into(),
                     reason: reason.into(),
                 }))),
@@ -181,14 +193,14 @@ impl Session {
             // unread bytes makes the kernel send a reset, which would discard
             // the acks and the Close frame still on their way to the client.
             let _ = tokio::time::timeout_at(deadline, async {
-                while let Some(Ok(msg)) = stream.next().await {
+                while let Some(Ok(msg)) = ws.next().await {
                     if msg.is_close() {
                         break;
                     }
                 }
             })
             .await;
-            let _ = tokio::time::timeout(CLOSE_WRITE, sink.close()).await;
+            let _ = tokio::time::timeout(CLOSE_WRITE, SinkExt::close(&mut ws)).await;
         }
         metrics::gauge!("gateway_connections").decrement(1.0);
     }
@@ -196,14 +208,14 @@ impl Session {
     /// Handles the frames already received and readable now, without waiting
     /// for more, until `until` (a client that keeps sending is cut off). An
     /// event started is finished: an accepted send always gets its ack.
-    async fn answer_received(&mut self, stream: &mut SplitStream<Socket>, sink: &mut Sink, until: Instant) {
+    async fn answer_received(&mut self, ws: &mut Socket, until: Instant) {
         for _ in 0..DRAIN_FRAMES {
             if Instant::now() >= until {
                 return;
             }
-            match stream.next().now_or_never() {
+            match ws.next().now_or_never() {
                 Some(Some(Ok(msg))) if !msg.is_close() => {
-                    if !matches!(self.on_frame(msg, sink).await, Flow::Continue) {
+                    if !matches!(self.on_frame(msg, ws).await, Flow::Continue) {
                         return;
                     }
                 }
@@ -214,15 +226,15 @@ impl Session {
 
     /// Pings the client; one that has said nothing for `silence` is gone
     /// (a half-open TCP connection, or a client that stopped reading).
-    async fn ping(&mut self, sink: &mut Sink, silence: Duration) -> Flow {
+    async fn ping(&mut self, ws: &mut Socket, silence: Duration) -> Flow {
         if self.last_heard.elapsed() > silence {
             metrics::counter!("gateway_silent_drops_total").increment(1);
             return Flow::Gone;
         }
-        self.send_bounded(sink, WsMessage::Ping(Default::default())).await
+        self.send_bounded(ws, WsMessage::Ping(Default::default())).await
     }
 
-    async fn on_frame(&mut self, msg: WsMessage, sink: &mut Sink) -> Flow {
+    async fn on_frame(&mut self, msg: WsMessage, ws: &mut Socket) -> Flow {
         self.last_heard = Instant::now();
         let (encoding, bytes) = match msg {
             WsMessage::Text(text) => (Encoding::Json, text.into()),
@@ -243,26 +255,26 @@ impl Session {
             Err(e) => Some(ServerEvent::error(ErrorCode::BadRequest, e.message, e.reference)),
         };
         match reply {
-            Some(event) => self.write_event(&event, sink).await,
+            Some(event) => self.write_event(&event, ws).await,
             None => Flow::Continue,
         }
     }
 
     /// Writes a reply in the connection's encoding.
-    async fn write_event(&mut self, event: &ServerEvent, sink: &mut Sink) -> Flow {
+    async fn write_event(&mut self, event: &ServerEvent, ws: &mut Socket) -> Flow {
         if let ServerEvent::Error { code, .. } = event {
             metrics::counter!("gateway_errors_total", "code" => code.as_str()).increment(1);
         }
         let frame = Frame::encode(event, self.encoding());
-        self.send_bounded(sink, frame.into_message()).await
+        self.send_bounded(ws, frame.into_message()).await
     }
 
     /// Writes and flushes one message. A client that stopped reading stalls
     /// the write once the socket buffers are full; stalled as long as a
     /// silent client may stay, it is gone.
-    async fn send_bounded(&self, sink: &mut Sink, message: WsMessage) -> Flow {
+    async fn send_bounded(&self, ws: &mut Socket, message: WsMessage) -> Flow {
         let stall = self.svc.config.ping_interval + self.svc.config.ping_timeout;
-        match tokio::time::timeout(stall, sink.send(message)).await {
+        match tokio::time::timeout(stall, ws.send(message)).await {
             Ok(Ok(())) => Flow::Continue,
             Ok(Err(_)) => Flow::Gone,
             Err(_) => {
@@ -273,13 +285,13 @@ impl Session {
     }
 
     /// Writes `first` and whatever else is queued (up to a batch), then flushes.
-    async fn write_queued(&mut self, first: Outbound, sink: &mut Sink) -> Flow {
+    async fn write_queued(&mut self, first: Outbound, ws: &mut Socket) -> Flow {
         let mut next = Some(first);
         let mut written = 0;
         while let Some(item) = next.take() {
             match item {
                 Outbound::Frame(frame) => {
-                    if sink.feed(frame.into_message()).await.is_err() {
+                    if ws.feed(frame.into_message()).await.is_err() {
                         return Flow::Gone;
                     }
                     written += 1;
@@ -292,7 +304,7 @@ impl Session {
             }
         }
         metrics::counter!("gateway_frames_out_total").increment(written as u64);
-        match sink.flush().await {
+        match ws.flush().await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Gone,
         }

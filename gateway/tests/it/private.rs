@@ -192,3 +192,26 @@ async fn a_user_may_message_themselves_and_their_other_devices_receive_it() {
     let (status, body) = stack.http(0).history(bob, chat, "").await;
     assert_eq!(status, 403, "{body}");
 }
+
+#[tokio::test]
+async fn connections_opened_together_each_receive_what_is_sent_as_soon_as_they_are_open() {
+    // Their subscriptions reach Redis in shared round trips; each handshake
+    // must still complete only once its own subscription is in effect.
+    let stack = Stack::start(StackOptions {
+        gateways: 2,
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let users: Vec<Uuid> = (0..200).map(|_| harness::user()).collect();
+    let mut clients = futures_util::future::join_all(users.iter().map(|user| stack.connect(0, *user))).await;
+    let mut sender = stack.connect(1, harness::user()).await;
+    for (i, user) in users.iter().enumerate() {
+        let ack = sender.send_message_to(*user, &format!("hello {i}")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let message = client.expect("message", DEFAULT_TIMEOUT).await;
+        assert_eq!(message["body"], format!("hello {i}"), "{message}");
+    }
+}
