@@ -3,6 +3,8 @@
 //! Owns verification only. Any other algorithm, `alg: none` included, is
 //! refused because the validation accepts HS256 alone.
 
+use std::sync::Arc;
+
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use shared::ids::UserId;
@@ -29,8 +31,12 @@ struct Claims {
     exp: i64,
 }
 
+/// Checks tokens. Cloning shares the key and the validation rules (the
+/// routes clone it for every request).
 #[derive(Clone)]
-pub struct Verifier {
+pub struct Verifier(Arc<Keys>);
+
+struct Keys {
     key: DecodingKey,
     validation: Validation,
 }
@@ -40,15 +46,15 @@ impl Verifier {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Verifier {
+        Verifier(Arc::new(Keys {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
-        }
+        }))
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let data =
-            decode::<Claims>(token, &self.key, &self.validation).map_err(|e| AuthError::Invalid(e.to_string()))?;
+            decode::<Claims>(token, &self.0.key, &self.0.validation).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let user = data
             .claims
             .sub

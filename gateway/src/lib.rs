@@ -165,9 +165,7 @@ impl App {
         });
         Limits::spawn_sweeper(services.limits.clone());
         let addr = services.config.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
         Ok(App {
             listener,
             services,
@@ -236,4 +234,21 @@ fn pg_pool(config: &Config) -> Result<Pool, StartError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| StartError::Database(e.to_string()))
+}
+
+/// Handshakes the kernel may complete before the server accepts them. A
+/// burst of clients reconnecting after a node went away arrives at once;
+/// `TcpListener::bind`'s 128 made the kernel drop SYNs from 128 on (each
+/// retried a second later). The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

@@ -25,7 +25,7 @@ pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 /// Bytes read from a socket per attempt. Client frames are small (a send is
 /// well under 1 KiB), and tungstenite zero-fills this much before every read
 /// attempt; a larger frame grows the buffer for itself.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 
 /// The tungstenite settings of every client socket: a small read buffer and
 /// `max_frame` as the limit of a frame and of a message.
