@@ -36,6 +36,7 @@ pub fn spawn(
         origin,
         channels: HashSet::new(),
         sink: None,
+        reader: None,
     };
     tokio::spawn(supervisor.run(interest, shutdown));
 }
@@ -47,6 +48,14 @@ struct Supervisor {
     origin: Origin,
     channels: HashSet<String>,
     sink: Option<PubSubSink>,
+    /// The reader of the current connection; there is never more than one.
+    reader: Option<Reader>,
+}
+
+/// The reading half's task, and a signal that it ended (connection lost).
+struct Reader {
+    gone: oneshot::Receiver<()>,
+    task: tokio::task::AbortHandle,
 }
 
 /// Interest requests handled in one round of Redis calls.
@@ -57,18 +66,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 impl Supervisor {
     async fn run(mut self, mut interest: mpsc::Receiver<Interest>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
-        let mut reader_gone: Option<oneshot::Receiver<()>> = None;
         loop {
             if self.sink.is_none() {
                 match self.connect().await {
-                    Ok(gone) => {
-                        reader_gone = Some(gone);
-                        backoff = BACKOFF_MIN;
-                    }
-                    Err(e) => {
-                        tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
-                        reader_gone = None;
-                    }
+                    Ok(()) => backoff = BACKOFF_MIN,
+                    Err(e) => tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis"),
                 }
             }
             tokio::select! {
@@ -76,11 +78,10 @@ impl Supervisor {
                     Some(cmd) => self.handle(cmd, &mut interest).await,
                     None => return,
                 },
-                _ = wait_gone(&mut reader_gone) => {
+                _ = wait_gone(&mut self.reader) => {
                     tracing::warn!(shard = self.shard, "bus subscriber lost redis; reconnecting");
                     metrics::counter!("gateway_bus_reconnects_total").increment(1);
-                    self.sink = None;
-                    reader_gone = None;
+                    self.disconnect();
                 }
                 _ = tokio::time::sleep(backoff), if self.sink.is_none() => {
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -124,12 +125,12 @@ impl Supervisor {
         if let Some(sink) = &self.sink {
             if let Err(e) = each(sink, Change::Subscribe, subscribe.iter()).await {
                 tracing::warn!(error = %e, "subscribe failed; will resubscribe on reconnect");
-                self.sink = None;
+                self.disconnect();
             }
         }
         if let Some(sink) = &self.sink {
             if each(sink, Change::Unsubscribe, unsubscribe.iter()).await.is_err() {
-                self.sink = None;
+                self.disconnect();
             }
         }
         if barriers.is_empty() {
@@ -145,17 +146,34 @@ impl Supervisor {
         }
     }
 
-    async fn connect(&mut self) -> Result<oneshot::Receiver<()>, redis::RedisError> {
+    /// Opens a new connection subscribed to every channel wanted, in place
+    /// of the current one.
+    async fn connect(&mut self) -> Result<(), redis::RedisError> {
+        self.disconnect();
         let pubsub = self.client.get_async_pubsub().await?;
         let (sink, stream) = pubsub.split();
         let channels: Vec<&String> = self.channels.iter().collect();
         for chunk in channels.chunks(INTEREST_BATCH) {
             each(&sink, Change::Subscribe, chunk.iter().copied()).await?;
         }
-        let (gone_tx, gone_rx) = oneshot::channel();
-        tokio::spawn(read(stream, self.shard, self.hub.clone(), self.origin.clone(), gone_tx));
+        let (gone_tx, gone) = oneshot::channel();
+        let task = tokio::spawn(read(stream, self.shard, self.hub.clone(), self.origin.clone(), gone_tx));
         self.sink = Some(sink);
-        Ok(gone_rx)
+        self.reader = Some(Reader {
+            gone,
+            task: task.abort_handle(),
+        });
+        Ok(())
+    }
+
+    /// Abandons the current connection. Its reader is stopped too: a reader
+    /// left running on a connection still subscribed would deliver every
+    /// publication a second time once a new connection subscribes.
+    fn disconnect(&mut self) {
+        self.sink = None;
+        if let Some(reader) = self.reader.take() {
+            reader.task.abort();
+        }
     }
 }
 
@@ -191,10 +209,10 @@ async fn each<'a>(
     futures_util::future::try_join_all(calls).await.map(|_| ())
 }
 
-async fn wait_gone(gone: &mut Option<oneshot::Receiver<()>>) {
-    match gone {
-        Some(rx) => {
-            let _ = rx.await;
+async fn wait_gone(reader: &mut Option<Reader>) {
+    match reader {
+        Some(reader) => {
+            let _ = (&mut reader.gone).await;
         }
         None => std::future::pending().await,
     }

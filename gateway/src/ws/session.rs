@@ -112,8 +112,9 @@ impl Session {
         let silence = ping_every + ping_timeout;
         let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let expiry = tokio::time::sleep_until(self.expires);
-        // Armed before each write of queued frames (moving a deadline later
-        // is lock-free in tokio's timer).
+        // Armed before each write of queued frames: moving the deadline of a
+        // timer that has not fired yet is lock-free in tokio; after an idle
+        // spell it re-registers once.
         let stall = tokio::time::sleep(silence);
         tokio::pin!(overflow, closing, expiry, stall);
         let flow = loop {

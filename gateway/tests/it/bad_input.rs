@@ -204,7 +204,7 @@ async fn a_frame_over_the_frame_limit_closes_the_connection_with_1009() {
 
 #[tokio::test]
 async fn a_frame_just_under_the_limit_is_read_whole_and_answered() {
-    // Far larger than the 4 KiB the gateway reads per attempt.
+    // Far larger than the 2 KiB the gateway reads per attempt.
     let stack = Stack::start(one_gateway()).await;
     let mut client = stack.connect(0, harness::user()).await;
     let padding = " ".repeat(MAX_FRAME - 100);

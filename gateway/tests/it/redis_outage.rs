@@ -123,4 +123,13 @@ async fn without_redis_sends_get_unavailable_connections_stay_and_all_recovers_w
     // Bob's node sends again too.
     let ack = bob_1.send_message_to(alice, "back").await;
     assert!(receives(&mut alice_0, &ack["id"], DEFAULT_TIMEOUT).await);
+
+    // Once each: no subscription of the connection lost with Redis is
+    // still delivering beside the new one.
+    let ack = alice_0.send_message_to(bob, "once").await;
+    assert!(receives(&mut bob_1, &ack["id"], DEFAULT_TIMEOUT).await);
+    assert!(
+        !receives(&mut bob_1, &ack["id"], Duration::from_secs(1)).await,
+        "a message reached Bob twice after Redis returned"
+    );
 }
