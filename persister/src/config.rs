@@ -51,6 +51,10 @@ pub struct Config {
     pub concurrency: usize,
     /// PERSISTER_BLOCK_MS: how long one XREADGROUP waits for new entries.
     pub block: Duration,
+    /// PERSISTER_LINGER_MS: after a read that drained the stream, how long a
+    /// lane waits before reading again, so the next batch is more than a
+    /// few entries (each batch is a transaction and a WAL flush). 0: none.
+    pub linger: Duration,
     /// PERSISTER_CLAIM_IDLE_MS: pending entries idle longer than this are
     /// taken over from whichever consumer read them (it is presumed dead).
     pub claim_idle: Duration,
@@ -111,6 +115,12 @@ impl Config {
             |n| (1..=300_000).contains(n),
             "between 1 and 300000 (0 would block forever)",
         )?;
+        let linger_ms = check(
+            "PERSISTER_LINGER_MS",
+            or(src, "PERSISTER_LINGER_MS", 10u64)?,
+            |n| *n <= 1000,
+            "between 0 and 1000",
+        )?;
         let claim_idle_ms = check(
             "PERSISTER_CLAIM_IDLE_MS",
             or(src, "PERSISTER_CLAIM_IDLE_MS", 30_000u64)?,
@@ -158,6 +168,7 @@ impl Config {
             batch_size,
             concurrency,
             block: Duration::from_millis(block_ms),
+            linger: Duration::from_millis(linger_ms),
             claim_idle: Duration::from_millis(claim_idle_ms),
             retry: RetryPolicy {
                 max_deliveries,
@@ -215,6 +226,7 @@ mod tests {
         assert_eq!(c.batch_size, 5000);
         assert_eq!(c.concurrency, 2);
         assert_eq!(c.block, Duration::from_millis(1000));
+        assert_eq!(c.linger, Duration::from_millis(10));
         assert_eq!(c.claim_idle, Duration::from_millis(30_000));
         assert_eq!(c.retry, RetryPolicy::default());
         assert_eq!(c.metrics_listen, "0.0.0.0:9091".parse().unwrap());
@@ -230,6 +242,7 @@ mod tests {
             ("PERSISTER_BATCH_SIZE", "10001"),
             ("PERSISTER_CONCURRENCY", "0"),
             ("PERSISTER_BLOCK_MS", "0"),
+            ("PERSISTER_LINGER_MS", "1001"),
             ("PERSISTER_MAX_DELIVERIES", "0"),
             ("PERSISTER_RETRY_MS", "0"),
             ("PERSISTER_RETRY_MAX_MS", "100"),

@@ -133,6 +133,7 @@ impl Persister {
                     consumer: lane_consumer(&config.consumer, lane),
                     batch_size: config.batch_size,
                     block: config.block,
+                    linger: config.linger,
                     claim_idle: config.claim_idle,
                     retry: config.retry,
                 };

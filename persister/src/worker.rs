@@ -78,6 +78,8 @@ pub struct Settings {
     pub batch_size: usize,
     /// How long a read of new entries waits.
     pub block: Duration,
+    /// The pause before reading new entries after a read drained the stream.
+    pub linger: Duration,
     /// Pending entries idle longer than this are taken over.
     pub claim_idle: Duration,
     /// Retries of refused entries and the dead-letter limit.
@@ -140,6 +142,9 @@ pub struct Worker {
     next_claim: Instant,
     retries: RetrySchedule,
     read_ahead: Option<ReadAhead>,
+    /// The last read of new entries found fewer than a batch: the stream
+    /// was drained, and the next read waits `linger` first.
+    drained: bool,
 }
 
 impl Worker {
@@ -157,6 +162,7 @@ impl Worker {
             next_claim: Instant::now(),
             retries: RetrySchedule::default(),
             read_ahead: None,
+            drained: false,
         }
     }
 
@@ -251,6 +257,14 @@ impl Worker {
             Some(read_ahead) => read_ahead.await.map_err(|e| WorkerError::Task(e.to_string()))??,
             None => {
                 let shutdown = self.shutdown.clone();
+                if self.drained && !self.settings.linger.is_zero() {
+                    // Let entries gather: a batch of one costs PostgreSQL a
+                    // transaction and a WAL flush just as a batch of fifty.
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.settings.linger) => {}
+                        _ = shutdown.cancelled() => return Ok(0),
+                    }
+                }
                 let block = self.block_time();
                 // Cancelling a blocked read is safe: anything Redis delivered
                 // to it meanwhile stays pending for this consumer and is read
@@ -261,7 +275,8 @@ impl Worker {
                 }
             }
         };
-        if entries.len() >= self.settings.batch_size && !self.shutdown.is_cancelled() {
+        self.drained = entries.len() < self.settings.batch_size;
+        if !self.drained && !self.shutdown.is_cancelled() {
             self.start_read_ahead();
         }
         self.handle(entries).await

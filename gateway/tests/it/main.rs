@@ -16,6 +16,7 @@ mod idempotency;
 mod limits;
 mod ops;
 mod ordering;
+mod persisting;
 mod private;
 mod redis_outage;
 mod typing;

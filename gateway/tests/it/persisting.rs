@@ -1,0 +1,73 @@
+//! How the persister batches (PERSISTER_LINGER_MS): after a read that
+//! drained the stream it waits before reading again, so messages that
+//! arrive meanwhile are stored together in one transaction.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{self, Stack, StackOptions};
+
+/// Rows in `messages`.
+async fn stored(stack: &Stack) -> i64 {
+    let (client, connection) = tokio_postgres::connect(stack.db_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    client
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .expect("count messages")
+        .get(0)
+}
+
+/// Batches the persister has written so far (`persister_batches_total`).
+async fn batches(stack: &Stack) -> u64 {
+    let url = stack.persister.as_ref().expect("a persister").metrics_url();
+    let text = reqwest::get(url)
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with("persister_batches_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn wait_stored(stack: &Stack, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stored(stack).await < n {
+        assert!(Instant::now() < deadline, "{n} messages not stored within 15 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn messages_sent_while_the_persister_lingers_are_stored_in_one_or_two_batches() {
+    // One lane, a long linger: five messages 50 ms apart span 200 ms, well
+    // inside it. Without the linger each would be read, and written, alone.
+    let stack = Stack::start(StackOptions {
+        env: vec![
+            ("PERSISTER_LINGER_MS".into(), "600".into()),
+            ("PERSISTER_CONCURRENCY".into(), "1".into()),
+        ],
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut sender = stack.connect(0, alice).await;
+    sender.send_message_to(bob, "first").await;
+    wait_stored(&stack, 1).await;
+    let before = batches(&stack).await;
+
+    for i in 0..5 {
+        let ack = sender.send_message_to(bob, &format!("burst {i}")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_stored(&stack, 6).await;
+    // The first of the five may be caught by a read already waiting; the
+    // others arrive during the linger that follows it.
+    let used = batches(&stack).await - before;
+    assert!((1..=2).contains(&used), "5 messages took {used} batches");
+}
