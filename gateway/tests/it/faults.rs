@@ -137,9 +137,14 @@ async fn pending_of(stack: &Stack, consumer: &str) -> usize {
 
 #[tokio::test]
 async fn a_persister_killed_mid_run_leaves_its_jobs_to_the_other_and_every_acked_message_is_stored_once() {
+    // No linger: between batches a lane then waits in XREADGROUP, which Redis
+    // serves even while the process is stopped, so the kill below reliably
+    // catches entries in hand. With the linger a lane sleeps between batches
+    // instead and the run is over before a stop lands mid-write; a lane
+    // killed while it lingers holds nothing (its last batch is acked).
     let mut stack = Stack::start(StackOptions {
         gateways: 2,
-        env: env(&[("PERSISTER_CLAIM_IDLE_MS", "2000")]),
+        env: env(&[("PERSISTER_CLAIM_IDLE_MS", "2000"), ("PERSISTER_LINGER_MS", "0")]),
         ..StackOptions::default()
     })
     .await;
