@@ -44,11 +44,12 @@ async fn wait_stored(stack: &Stack, n: i64) {
 
 #[tokio::test]
 async fn messages_sent_while_the_persister_lingers_are_stored_in_one_or_two_batches() {
-    // One lane, a long linger: five messages 50 ms apart span 200 ms, well
-    // inside it. Without the linger each would be read, and written, alone.
+    // One lane, a long linger (1 s): five messages 50 ms apart span about
+    // 200 ms (more on a loaded machine: each waits for its ack), well inside
+    // it. Without the linger each would be read, and written, alone.
     let stack = Stack::start(StackOptions {
         env: vec![
-            ("PERSISTER_LINGER_MS".into(), "600".into()),
+            ("PERSISTER_LINGER_MS".into(), "1000".into()),
             ("PERSISTER_CONCURRENCY".into(), "1".into()),
         ],
         ..StackOptions::default()
