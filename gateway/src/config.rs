@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use shared::config::{self, check, or, required, ConfigError, Secret, Source};
+use shared::config::{self, check, instance_name, or, required, ConfigError, Secret, Source};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -118,7 +118,7 @@ impl Config {
                     })
                 }
             },
-            node_id: or(src, "GATEWAY_NODE_ID", default_node_id())?,
+            node_id: or(src, "GATEWAY_NODE_ID", instance_name("gateway"))?,
             jwt_secret,
             redis_url: or(src, "REDIS_URL", "redis://127.0.0.1:6379".to_string())?,
             database_url: or(
@@ -275,13 +275,6 @@ fn rate(
         "at least 1",
     )?;
     Ok(Rate { per_sec, burst })
-}
-
-fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let host = host.trim();
-    let host = if host.is_empty() { "gateway" } else { host };
-    format!("{host}-{}", std::process::id())
 }
 
 #[cfg(test)]

@@ -26,9 +26,10 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use futures_util::SinkExt;
-use persister::store::Rows;
+use persister::store::{MessageRows, Rows};
 use shared::protocol::Message;
 use shared::queue::{Job, STREAM};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
@@ -197,6 +198,19 @@ async fn methods(ids: Ids, rows: usize, single_rows: usize, batch: usize, only: 
     Ok(())
 }
 
+/// Row `i` of `m` as statement parameters, in the column order of `messages`.
+fn row<'a>(m: &'a MessageRows<'_>, i: usize) -> [&'a (dyn ToSql + Sync); 7] {
+    [
+        &m.id[i],
+        &m.chat[i],
+        &m.seq[i],
+        &m.sender[i],
+        &m.recipient[i],
+        &m.body[i],
+        &m.ts[i],
+    ]
+}
+
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64()
 }
@@ -213,25 +227,12 @@ async fn write(client: &Client, method: &str, jobs: &[Job]) -> anyhow::Result<()
                 )
                 .await?;
             for i in 0..m.id.len() {
-                client
-                    .execute(
-                        &stmt,
-                        &[
-                            &m.id[i],
-                            &m.chat[i],
-                            &m.seq[i],
-                            &m.sender[i],
-                            &m.recipient[i],
-                            &m.body[i],
-                            &m.ts[i],
-                        ],
-                    )
-                    .await?;
+                client.execute(&stmt, &row(m, i)).await?;
             }
         }
         "values" => {
             let mut sql = String::from("INSERT INTO messages (id, chat, seq, sender, recipient, body, ts) VALUES ");
-            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::with_capacity(7 * m.id.len());
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(7 * m.id.len());
             for i in 0..m.id.len() {
                 let b = i * 7;
                 if i > 0 {
@@ -247,15 +248,7 @@ async fn write(client: &Client, method: &str, jobs: &[Job]) -> anyhow::Result<()
                     b + 6,
                     b + 7
                 ));
-                params.extend_from_slice(&[
-                    &m.id[i],
-                    &m.chat[i],
-                    &m.seq[i],
-                    &m.sender[i],
-                    &m.recipient[i],
-                    &m.body[i],
-                    &m.ts[i],
-                ]);
+                params.extend_from_slice(&row(m, i));
             }
             sql.push_str(" ON CONFLICT (id) DO NOTHING");
             client.execute(&sql, &params).await?;

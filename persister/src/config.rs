@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use shared::config::{check, or, ConfigError, Env, Secret, Source};
+use shared::config::{check, instance_name, or, ConfigError, Env, Secret, Source};
 
 use crate::retry::RetryPolicy;
 
@@ -95,7 +95,7 @@ impl Config {
                 |n| !n.chars().any(char::is_whitespace),
                 "a consumer name without whitespace",
             )?,
-            None => default_consumer(),
+            None => instance_name("persister"),
         };
         let batch_size = check(
             "PERSISTER_BATCH_SIZE",
@@ -195,17 +195,6 @@ fn invalid_secret(name: &'static str, reason: String) -> ConfigError {
         value: "***".into(),
         reason,
     }
-}
-
-/// `<hostname>-<pid>`: unique among live processes, stable for one process.
-fn default_consumer() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "persister".to_string());
-    format!("{host}-{}", std::process::id())
 }
 
 #[cfg(test)]

@@ -40,6 +40,19 @@ impl Source for std::collections::HashMap<String, String> {
     }
 }
 
+/// `<host name>-<pid>`: a name for this process that no other live process
+/// shares (a pod's host name is the pod's name), for a default node id or
+/// consumer name. `fallback` stands in for a host name that cannot be read.
+pub fn instance_name(fallback: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.to_string());
+    format!("{host}-{}", std::process::id())
+}
+
 /// A required variable.
 pub fn required<T: FromStr>(src: &dyn Source, name: &'static str) -> Result<T, ConfigError>
 where

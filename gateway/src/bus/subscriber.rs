@@ -177,6 +177,7 @@ impl Supervisor {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Change {
     Subscribe,
     Unsubscribe,
@@ -197,12 +198,10 @@ async fn each<'a>(
 ) -> redis::RedisResult<()> {
     let calls = channels.map(|channel| {
         let mut sink = sink.clone();
-        let subscribe = matches!(change, Change::Subscribe);
         async move {
-            if subscribe {
-                sink.subscribe(channel).await
-            } else {
-                sink.unsubscribe(channel).await
+            match change {
+                Change::Subscribe => sink.subscribe(channel).await,
+                Change::Unsubscribe => sink.unsubscribe(channel).await,
             }
         }
     });

@@ -211,12 +211,11 @@ fn describe(s: &Scenario) -> (&'static str, &'static str, Common, serde_json::Va
         Mode::Fixed => "fixed",
         Mode::Max => "max",
     };
-    match s {
+    let (scenario, mode, common, mut config) = match s {
         Scenario::Private { common, traffic, pairs } => {
             let mut c = traffic_json(traffic);
             c["pairs"] = json!(pairs);
-            c["read_buffer"] = json!(common.read_buffer);
-            ("private", mode(traffic), common.clone(), c)
+            ("private", mode(traffic), common, c)
         }
         Scenario::Group {
             common,
@@ -229,8 +228,7 @@ fn describe(s: &Scenario) -> (&'static str, &'static str, Common, serde_json::Va
             c["groups"] = json!(groups);
             c["size"] = json!(size);
             c["senders_fraction"] = json!(senders_fraction);
-            c["read_buffer"] = json!(common.read_buffer);
-            ("group", mode(traffic), common.clone(), c)
+            ("group", mode(traffic), common, c)
         }
         Scenario::Connections {
             common,
@@ -241,10 +239,11 @@ fn describe(s: &Scenario) -> (&'static str, &'static str, Common, serde_json::Va
         } => (
             "connections",
             "open",
-            common.clone(),
-            json!({"connections": connections, "concurrency": concurrency, "hold": hold, "open_timeout": open_timeout,
-                   "read_buffer": common.read_buffer}),
+            common,
+            json!({"connections": connections, "concurrency": concurrency, "hold": hold, "open_timeout": open_timeout}),
         ),
         Scenario::History(_) => unreachable!("history is run before describe"),
-    }
+    };
+    config["read_buffer"] = json!(common.read_buffer);
+    (scenario, mode, common.clone(), config)
 }

@@ -319,6 +319,22 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// Runs one phase, judges it against the traffic's bounds and prints its line.
+async fn judged_phase(
+    ctx: &Ctx,
+    running: &Running,
+    traffic: &Traffic,
+    phase: u32,
+    rate: f64,
+    warmup: f64,
+    window: f64,
+) -> Phase {
+    let mut p = run_phase(ctx, running, phase, rate, warmup, window, traffic.drain).await;
+    p.judge(traffic.p99_bound_ms, traffic.lag_bound_ms);
+    eprint!("{}", phase_line(&p));
+    p
+}
+
 /// One phase at `rate` msgs/s: `warmup` s unmeasured, then `window` s
 /// measured, then up to `drain` s for what is owed.
 async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: f64, window: f64, drain: f64) -> Phase {
@@ -448,18 +464,16 @@ pub async fn traffic(ctx: &Ctx, traffic: &Traffic, pop: Population) -> anyhow::R
     match traffic.mode {
         Mode::Fixed => {
             check_size(traffic, traffic.rate, traffic.warmup + traffic.duration)?;
-            let mut p = run_phase(
+            let p = judged_phase(
                 ctx,
                 &running,
+                traffic,
                 1,
                 traffic.rate,
                 traffic.warmup,
                 traffic.duration,
-                traffic.drain,
             )
             .await;
-            p.judge(traffic.p99_bound_ms, traffic.lag_bound_ms);
-            eprint!("{}", phase_line(&p));
             phases.push(p);
         }
         Mode::Max => {
@@ -471,18 +485,16 @@ pub async fn traffic(ctx: &Ctx, traffic: &Traffic, pop: Population) -> anyhow::R
                     eprintln!("loadgen: next rate {rate:.0} msg/s is past --max-rate or --max-messages; stopping");
                     break;
                 }
-                let mut p = run_phase(
+                let p = judged_phase(
                     ctx,
                     &running,
+                    traffic,
                     step as u32,
                     rate,
                     traffic.step_warmup,
                     traffic.step_secs,
-                    traffic.drain,
                 )
                 .await;
-                p.judge(traffic.p99_bound_ms, traffic.lag_bound_ms);
-                eprint!("{}", phase_line(&p));
                 let pass = p.pass;
                 phases.push(p.clone());
                 if !pass {
