@@ -48,6 +48,7 @@ async function signIn(name, url = stack.url) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
   const page = await context.newPage();
   const errors = [];
+  const calls = []; // the REST calls this page made, "METHOD /path status", for failure reports
   page.on('pageerror', (e) => errors.push(String(e)));
   page.on('console', (m) => {
     if (m.type() === 'error' && !/WebSocket connection to .* failed|Failed to load resource/.test(m.text())) {
@@ -60,12 +61,16 @@ async function signIn(name, url = stack.url) {
     ws.on('framesent', (f) => sent.push({ at: Date.now(), ...JSON.parse(f.payload) }));
     ws.on('framereceived', (f) => received.push({ at: Date.now(), ...JSON.parse(f.payload) }));
   });
+  page.on('response', (r) => {
+    const u = new URL(r.url());
+    if (u.pathname.startsWith('/v1/')) calls.push(`${r.request().method()} ${u.pathname} ${r.status()}`);
+  });
   await page.goto(url);
   await page.fill('#signin-name', name);
   await page.click('#signin-form button[type=submit]');
   await page.waitForSelector('#status[data-status="online"]', { timeout: WAIT_MS });
   const id = (await page.textContent('#me-id')).trim();
-  const user = { name, id, context, page, errors, sent, received };
+  const user = { name, id, context, page, errors, sent, received, calls };
   open.push(user);
   return user;
 }
@@ -109,7 +114,19 @@ async function send(user, body) {
 
 async function openChat(user, chatId) {
   const item = user.page.locator(`#chat-list li[data-chat="${chatId}"]`);
-  await item.waitFor({ timeout: WAIT_MS });
+  try {
+    await item.waitFor({ timeout: WAIT_MS });
+  } catch (e) {
+    const state = await user.page
+      .evaluate(() => ({ status: window.chatClient.status, chats: [...window.chatClient.chats.keys()] }))
+      .catch((err) => String(err));
+    const frames = (list) => JSON.stringify(list.filter((f) => f.type !== 'ping' && f.type !== 'pong'));
+    e.message += `\n${user.name} does not list ${chatId}\nclient: ${JSON.stringify(state)}`;
+    e.message += `\nreceived: ${frames(user.received)}\nsent: ${frames(user.sent)}`;
+    for (const u of open) e.message += `\n${u.name}'s REST calls: ${u.calls.join(', ')}`;
+    e.message += `\n${stack.logs()}`;
+    throw e;
+  }
   await item.click();
   await user.page.waitForFunction((id) => document.getElementById('chat-id').textContent === id, chatId);
   await user.page.waitForFunction(() => window.chatClient.chats.get(document.getElementById('chat-id').textContent)?.loaded);
@@ -266,6 +283,9 @@ describe('browser client', { timeout: 150000 }, () => {
     // Members are added by the ids they share.
     for (const who of [dave, erin]) {
       await carol.page.fill('#member-id', who.id);
+      // The id went into the field (an empty one would not submit, and the
+      // wait below would pass at once).
+      assert.equal(await carol.page.inputValue('#member-id'), who.id);
       await carol.page.click('#add-member button');
       await carol.page.waitForFunction(() => document.getElementById('member-id').value === '');
     }
@@ -284,6 +304,27 @@ describe('browser client', { timeout: 150000 }, () => {
       assert.deepEqual(v.map((m) => m.id), views[0].map((m) => m.id), 'everyone sees one order');
     }
     await screenshot(erin, 'group.png');
+    await closeAll(t);
+  });
+
+  test('keys typed into another field while a chat opens stay in that field', async (t) => {
+    t.after(() => closeAll());
+    const nora = await signIn('nora');
+    // The history answers late, as on a slow network.
+    await nora.page.route('**/v1/chats/*/messages*', async (route) => {
+      await sleep(1000);
+      await route.continue();
+    });
+    await nora.page.fill('#group-title', 'Slow history');
+    await nora.page.click('#new-group button');
+    await nora.page.waitForFunction(() => document.getElementById('chat-title').textContent === 'Slow history');
+    // Nora goes on to add a member while the history is still on its way.
+    const typed = 'someone-with-a-long-name';
+    await nora.page.click('#member-id');
+    await nora.page.keyboard.type(typed, { delay: 80 });
+    await nora.page.waitForFunction(() => window.chatClient.chats.get(document.getElementById('chat-id').textContent)?.loaded);
+    assert.equal(await nora.page.inputValue('#member-id'), typed);
+    assert.equal(await nora.page.inputValue('#composer-input'), '');
     await closeAll(t);
   });
 

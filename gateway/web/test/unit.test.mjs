@@ -269,4 +269,38 @@ describe('ChatClient', () => {
     assert.deepEqual(ws.sent.find((e) => e.type === 'typing').chat, 'c');
     client.stop();
   });
+
+  test('a chat list read answered after a group was created does not drop the group', async () => {
+    const { client } = newClient([]);
+    const fetchOk = client.fetchImpl;
+    let answerList;
+    client.fetchImpl = async (url, init) => {
+      if (init?.method === 'POST') {
+        return { ok: true, status: 201, json: async () => ({ id: 'new', title: 'n', visibility: 'private' }) };
+      }
+      // The list is read before the group exists, and answered after.
+      const late = new Promise((resolve) => (answerList = resolve));
+      await late;
+      return fetchOk(url);
+    };
+    const read = client.refreshChats();
+    await client.createGroup('n', 'private');
+    answerList();
+    await read;
+    assert.ok(client.chats.has('new'), 'the new group is still listed');
+  });
+
+  test('a chat list read that fails after a joined event is tried again', async () => {
+    const { client } = newClient([]);
+    client.start();
+    FakeSocket.all[0].open();
+    await until('first list', () => client.chats.has('c'));
+    client.chats.clear();
+    const fetchOk = client.fetchImpl;
+    let failures = 1;
+    client.fetchImpl = async (url) => (failures-- > 0 ? { ok: false, status: 502, json: async () => ({}) } : fetchOk(url));
+    FakeSocket.all[0].push({ type: 'joined', chat: 'c', user: 'me' });
+    await until('listed after a 502', () => client.chats.has('c'));
+    client.stop();
+  });
 });

@@ -266,13 +266,15 @@ async function openChat(id) {
   $('composer-input').value = '';
   renderChatList();
   renderChat();
+  // Now, not after the history arrives: by then the user may be typing in
+  // another field, and moving focus would send their keys to the composer.
+  $('composer-input').focus();
   try {
     await client.load(id);
   } catch (err) {
     toast(`Could not read the history: ${err.message}`);
   }
   if (current === id) renderMessages();
-  $('composer-input').focus();
 }
 
 function renderChat() {

@@ -159,6 +159,7 @@ export class ChatClient extends EventTarget {
     this.lastTypingSent = 0;
     this.notice = null; // the latest error worth showing, {text, at}
     this.lastClose = null; // close code of the last socket (1001: its node was shutting down)
+    this.listEpoch = 0; // bumped by every chat list read and local change of the list
   }
 
   // --- plumbing -----------------------------------------------------------
@@ -247,7 +248,11 @@ export class ChatClient extends EventTarget {
   }
 
   async refreshChats() {
+    const epoch = ++this.listEpoch;
     const list = await this.api('/v1/chats');
+    // A read started later, or a group created or left meanwhile, knows
+    // better: an older answer would bring back a left chat or drop a new one.
+    if (epoch !== this.listEpoch) return;
     const seen = new Set();
     for (const info of list) {
       const c = this.chat(info.id, info);
@@ -279,6 +284,7 @@ export class ChatClient extends EventTarget {
     const created = await this.api('/v1/chats', { method: 'POST', body: { title, visibility, members } });
     const c = this.chat(created.id, { ...created, kind: 'group' });
     c.listed = true;
+    this.listEpoch++;
     this.emit('chats');
     return c;
   }
@@ -290,6 +296,7 @@ export class ChatClient extends EventTarget {
   async leave(chatId) {
     await this.api(`/v1/chats/${chatId}/members/${this.me}`, { method: 'DELETE' });
     this.chats.delete(chatId);
+    this.listEpoch++;
     this.emit('chats');
   }
 
@@ -609,7 +616,7 @@ export class ChatClient extends EventTarget {
   onMessage(m) {
     const known = this.chats.has(m.chat);
     const c = this.chat(m.chat, m.to ? { kind: 'direct', members: [m.from, m.to].sort() } : { kind: 'group' });
-    if (!known) this.refreshChats().catch(() => {});
+    if (!known) this.refreshChatsUntilDone();
     const fresh = this.acceptStored(c, m);
     c.typing.delete(m.from);
     if (fresh && m.from !== this.me && !c.open) c.unread++;
@@ -680,7 +687,7 @@ export class ChatClient extends EventTarget {
   onMembership(ev) {
     if (ev.user === this.me) {
       if (ev.type === 'left') this.chats.delete(ev.chat);
-      this.refreshChats().catch(() => {});
+      this.refreshChatsUntilDone();
     } else {
       this.emit('membership', { chat: ev.chat, user: ev.user, joined: ev.type === 'joined' });
     }
