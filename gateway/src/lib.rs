@@ -21,6 +21,7 @@ pub mod limits;
 pub mod metrics;
 pub mod queue;
 pub mod redis_pool;
+pub mod run_script;
 pub mod server;
 pub mod telemetry;
 pub mod typing;

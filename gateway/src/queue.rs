@@ -10,7 +10,6 @@
 //! This module never talks to PostgreSQL (the persister does) and never
 //! writes to a client (the session does).
 
-use redis::Script;
 use shared::cache::{CachedMessage, VERSION};
 use shared::ids::{private_chat_id, ChatId, MessageId, UserId};
 use shared::protocol::{ErrorCode, Target};
@@ -19,6 +18,7 @@ use shared::queue::STREAM;
 use crate::history::cache::{floor_key, recent_key};
 
 use crate::redis_pool::{RedisError, RedisPool};
+use crate::run_script::{RunScript, ScriptCall};
 
 /// A message the queue holds: the fields of the `ack`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +69,7 @@ pub struct QueueSettings {
 #[derive(Clone)]
 pub struct Queue {
     redis: RedisPool,
-    script: std::sync::Arc<Script>,
+    script: std::sync::Arc<RunScript>,
     settings: QueueSettings,
 }
 
@@ -77,7 +77,7 @@ impl Queue {
     pub fn new(redis: RedisPool, settings: QueueSettings) -> Queue {
         Queue {
             redis,
-            script: std::sync::Arc::new(Script::new(include_str!("scripts/accept.lua"))),
+            script: std::sync::Arc::new(RunScript::new(include_str!("scripts/accept.lua"))),
             settings,
         }
     }
@@ -108,8 +108,8 @@ impl Queue {
             ts,
         }
         .encode();
-        let mut inv = self.script.prepare_invoke();
-        inv.key(format!("msg:{id}"))
+        let mut call = ScriptCall::new();
+        call.key(format!("msg:{id}"))
             .key(format!("chat:{chat}:meta"))
             .key(format!("chat:{chat}:members"))
             .key(format!("chat:{chat}:seq"))
@@ -131,7 +131,7 @@ impl Queue {
             .arg(entry)
             .arg(self.settings.cache_size)
             .arg(self.settings.cache_ttl_secs);
-        let reply: Vec<String> = self.redis.run(&inv).await?;
+        let reply: Vec<String> = self.script.call(&self.redis, &call).await?;
         parse_reply(id, &reply)
     }
 }

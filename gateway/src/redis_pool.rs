@@ -68,7 +68,7 @@ impl RedisPool {
         &self.inner.client
     }
 
-    fn pick(&self) -> ConnectionManager {
+    pub(crate) fn pick(&self) -> ConnectionManager {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
         self.inner.conns[i].clone()
     }
@@ -90,7 +90,10 @@ impl RedisPool {
         self.query::<String>(&redis::cmd("PING")).await.is_ok()
     }
 
-    async fn timed<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, RedisError> {
+    pub(crate) async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisError> {
         let result = match tokio::time::timeout(self.inner.timeout, fut).await {
             Err(_) => Err(RedisError::Timeout(self.inner.timeout)),
             Ok(Ok(v)) => Ok(v),

@@ -10,13 +10,13 @@
 
 use std::sync::Arc;
 
-use redis::Script;
 use shared::cache::CachedMessage;
 use shared::ids::ChatId;
 use shared::protocol::Message;
 
 use super::Window;
 use crate::redis_pool::{RedisError, RedisPool};
+use crate::run_script::{RunScript, ScriptCall};
 
 /// The answer of the cache to a window.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,8 +36,8 @@ pub struct RecentCache {
     /// Entries per chat; 0 turns the cache off.
     pub size: usize,
     ttl_secs: u64,
-    read: Arc<Script>,
-    fill: Arc<Script>,
+    read: Arc<RunScript>,
+    fill: Arc<RunScript>,
 }
 
 /// What the accept script needs to maintain the cache.
@@ -53,8 +53,8 @@ impl RecentCache {
             redis,
             size: settings.size,
             ttl_secs: settings.ttl_secs,
-            read: Arc::new(Script::new(include_str!("../scripts/recent_read.lua"))),
-            fill: Arc::new(Script::new(include_str!("../scripts/recent_fill.lua"))),
+            read: Arc::new(RunScript::new(include_str!("../scripts/recent_read.lua"))),
+            fill: Arc::new(RunScript::new(include_str!("../scripts/recent_fill.lua"))),
         }
     }
 
@@ -68,19 +68,20 @@ impl RecentCache {
             return Ok(Lookup::Cold);
         }
         let ascending = w.after.is_some();
-        let mut inv = self.read.prepare_invoke();
-        inv.key(recent_key(chat))
+        let mut call = ScriptCall::new();
+        call.key(recent_key(chat))
             .key(floor_key(chat))
             .arg(if ascending { "after" } else { "latest" })
             .arg(w.after.map(|s| s.to_string()).unwrap_or_default())
             .arg(w.before.map(|s| s.to_string()).unwrap_or_default())
             .arg(w.limit)
             .arg(self.ttl_secs);
-        let reply: (Option<i64>, Vec<(Vec<u8>, i64)>) = match self.redis.run::<Vec<redis::Value>>(&inv).await? {
-            v if v.is_empty() => return Ok(Lookup::Cold),
-            v => redis::FromRedisValue::from_redis_value(&redis::Value::Array(v))
-                .map_err(|e| RedisError::Reply(e.to_string()))?,
-        };
+        let reply: (Option<i64>, Vec<(Vec<u8>, i64)>) =
+            match self.read.call::<Vec<redis::Value>>(&self.redis, &call).await? {
+                v if v.is_empty() => return Ok(Lookup::Cold),
+                v => redis::FromRedisValue::from_redis_value(&redis::Value::Array(v))
+                    .map_err(|e| RedisError::Reply(e.to_string()))?,
+            };
         let (Some(floor), rows) = reply else {
             return Ok(Lookup::Cold);
         };
@@ -126,16 +127,16 @@ impl RecentCache {
         } else {
             latest.first().map(|m| m.seq).unwrap_or(0)
         };
-        let mut inv = self.fill.prepare_invoke();
-        inv.key(recent_key(chat))
+        let mut call = ScriptCall::new();
+        call.key(recent_key(chat))
             .key(floor_key(chat))
             .arg(self.size)
             .arg(self.ttl_secs)
             .arg(floor);
         for m in latest {
-            inv.arg(m.seq).arg(CachedMessage::of(m).encode());
+            call.arg(m.seq).arg(CachedMessage::of(m).encode());
         }
-        let _: i64 = self.redis.run(&inv).await?;
+        let _: i64 = self.fill.call(&self.redis, &call).await?;
         Ok(())
     }
 }

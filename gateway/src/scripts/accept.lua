@@ -10,6 +10,9 @@
 -- set scored by seq, trimmed to the newest entries), so history can serve it
 -- as soon as the ack is out.
 --
+-- Every Redis call here costs a few µs of the one Redis core all gateways
+-- share, so the script makes as few as it can (docs/benchmarks.md).
+--
 -- KEYS: 1 msg:{id}  2 chat:{chat}:meta  3 chat:{chat}:members  4 chat:{chat}:seq
 --       5 the queue stream  6 user:{from}:dms  7 user:{to}:dms
 --       8 chat:{chat}:recent  9 chat:{chat}:recent:floor
@@ -21,13 +24,22 @@
 --       | {'conflict'} | {'not_found'} | {'forbidden'}
 local id, chat, from, to, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
-local prev = redis.call('HMGET', KEYS[1], 'from', 'chat', 'seq', 'ts', 'to')
-if prev[1] then
+-- The idempotency record: one MessagePack string {from, chat, seq, ts, to}.
+-- Gateways before it wrote a hash of those fields; GET on one is an error,
+-- so such a record is read as a hash.
+local prev = redis.pcall('GET', KEYS[1])
+if type(prev) == 'table' and prev.err then
+  prev = redis.call('HMGET', KEYS[1], 'from', 'chat', 'seq', 'ts', 'to')
+elseif prev then
+  prev = cmsgpack.unpack(prev)
+end
+if prev and prev[1] then
   if prev[1] ~= from then return {'conflict'} end
   return {'dup', prev[2], prev[3], prev[4], prev[5] or ''}
 end
 
 local ts = tonumber(ARGV[10])
+local TRIM_EVERY = 16
 
 if ARGV[9] == 'group' then
   local meta = redis.call('HMGET', KEYS[2], 'kind', 'a', 'b')
@@ -56,7 +68,7 @@ end
 -- lost its last writes (AOF everysec), including increments whose messages a
 -- persister already stored: jump ahead by a gap larger than any number of
 -- messages one chat can receive in the loss window, so no seq is reused.
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local run_id = __REDIS_RUN_ID__ -- this Redis run's id, put in at load (run_script.rs)
 local counter = redis.call('HMGET', KEYS[4], 'n', 'rid')
 local seq = tonumber(counter[1]) or 0
 if counter[1] and counter[2] ~= run_id then
@@ -67,8 +79,7 @@ redis.call('HSET', KEYS[4], 'n', seq, 'rid', run_id)
 
 redis.call('XADD', KEYS[5], '*', 'v', '1', 'kind', 'message', 'id', id,
   'chat', chat, 'seq', seq, 'from', from, 'to', to, 'body', body, 'ts', ts)
-redis.call('HSET', KEYS[1], 'from', from, 'chat', chat, 'seq', seq, 'ts', ts, 'to', to)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+redis.call('SET', KEYS[1], cmsgpack.pack({from, chat, seq, ts, to}), 'EX', tonumber(ARGV[6]))
 
 -- The recent cache. Its floor hash says from which seq on the set holds
 -- every message of the chat (f, 0: from the very first one) and under which
@@ -82,9 +93,9 @@ if size > 0 then
     redis.call('HSET', KEYS[9], 'f', (seq == 1) and 0 or seq, 'rid', run_id)
   end
   redis.call('ZADD', KEYS[8], seq, ARGV[11])
-  local count = redis.call('ZCARD', KEYS[8])
-  if count > size then
-    redis.call('ZREMRANGEBYRANK', KEYS[8], 0, count - size - 1)
+  -- Trimmed every TRIM_EVERY-th seq, not on every message: the set holds
+  -- up to size + TRIM_EVERY - 1 entries, and the floor moves with a trim.
+  if seq % TRIM_EVERY == 0 and redis.call('ZREMRANGEBYRANK', KEYS[8], 0, -size - 1) > 0 then
     redis.call('HSET', KEYS[9], 'f', redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')[2])
   end
   redis.call('EXPIRE', KEYS[8], cache_ttl)

@@ -7,7 +7,7 @@
 -- The floor only moves down (more is known complete), except that trimming
 -- to the cache size raises it to the lowest entry kept. A cache written
 -- before a Redis restart is dropped first (see accept.lua).
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local run_id = __REDIS_RUN_ID__ -- this Redis run's id, put in at load (run_script.rs)
 local old = redis.call('HMGET', KEYS[2], 'f', 'rid')
 local floor = tonumber(ARGV[3])
 if old[2] == run_id and old[1] and redis.call('EXISTS', KEYS[1]) == 1 then

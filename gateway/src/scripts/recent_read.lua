@@ -8,7 +8,7 @@
 -- {floor, {entry, seq, entry, seq, ...}}.
 local floor = redis.call('HMGET', KEYS[2], 'f', 'rid')
 if not floor[1] then return {} end
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local run_id = __REDIS_RUN_ID__ -- this Redis run's id, put in at load (run_script.rs)
 if floor[2] ~= run_id then return {} end
 local lo = (ARGV[2] == '') and '-inf' or ('(' .. ARGV[2])
 local hi = (ARGV[3] == '') and '+inf' or ('(' .. ARGV[3])

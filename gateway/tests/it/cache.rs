@@ -132,6 +132,13 @@ async fn history_from_the_cache_equals_history_from_postgres_over_random_windows
         let from_db = history(&stack, 1, alice, chat, &query).await;
         assert_eq!(cached, from_db, "window {query} (seed {seed})");
     }
+    // Trimmed every 16th seq: never more than 15 entries over its size.
+    let mut redis = stack.redis.connection().await;
+    let held: usize = redis.zcard(format!("chat:{chat}:recent")).await.unwrap();
+    assert!(
+        (CACHE_SIZE..CACHE_SIZE + 16).contains(&held),
+        "the cache holds {held} entries for a size of {CACHE_SIZE}"
+    );
     // The comparison meant something only if the cache answered some windows.
     let hits = reads_from(&stack, 0, "cache").await;
     assert!(hits > 0, "the cache answered no window");

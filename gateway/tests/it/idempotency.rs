@@ -104,3 +104,42 @@ async fn another_user_reusing_an_id_gets_bad_request() {
     let resend = alice_0.request(send_with_id(bob, id, "from Alice", "a2")).await;
     assert_eq!(ack_fields(&resend), ack_fields(&ack), "{resend}");
 }
+
+#[tokio::test]
+async fn a_record_written_by_the_previous_gateway_version_still_answers_a_resend() {
+    // Gateways before the MessagePack record kept a hash; during a rolling
+    // upgrade a resend may meet one.
+    let stack = Stack::start(StackOptions {
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let chat = harness::private_chat(alice, bob);
+    let id = Uuid::new_v4();
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("msg:{id}"))
+        .arg(&[
+            "from",
+            &alice.to_string(),
+            "chat",
+            &chat.to_string(),
+            "seq",
+            "41",
+            "ts",
+            "1700000000000",
+        ])
+        .arg(&["to", &bob.to_string()])
+        .query_async(&mut redis)
+        .await
+        .expect("HSET");
+    let mut alice_0 = stack.connect(0, alice).await;
+    let ack = alice_0.request(send_with_id(bob, id, "again", "resend")).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["seq"], json!(41), "acked as the recorded message: {ack}");
+    assert_eq!(ack["ts"], json!(1_700_000_000_000i64), "{ack}");
+    let mut eve_0 = stack.connect(0, harness::user()).await;
+    let taken = eve_0.request(send_with_id(bob, id, "mine?", "other sender")).await;
+    assert_eq!(taken["type"], "error", "another sender's id: {taken}");
+}
