@@ -77,11 +77,7 @@ async fn metric(stack: &Stack, gw: usize, name: &str) -> u64 {
 
 /// The sum of a counter's samples whose labels contain `label`.
 async fn metric_where(stack: &Stack, gw: usize, name: &str, label: &str) -> u64 {
-    let (_, text) = stack.http(gw).get_text("/metrics").await;
-    text.lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    stack.metric(gw, name, label).await as u64
 }
 
 async fn history(stack: &Stack, gw: usize, who: Uuid, chat: Uuid, query: &str) -> Value {

@@ -119,15 +119,8 @@ impl Retry {
     }
 }
 
-/// The sum of the samples of `metric` whose labels contain `label` in the
-/// gateway's `/metrics` (0 when there are none yet).
 async fn metric(stack: &Stack, gw: usize, metric: &str, label: &str) -> f64 {
-    let (status, text) = stack.http(gw).get_text("/metrics").await;
-    assert_eq!(status, 200, "/metrics: {text}");
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    stack.metric(gw, metric, label).await
 }
 
 #[tokio::test]

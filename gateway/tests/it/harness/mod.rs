@@ -353,6 +353,17 @@ impl Stack {
     }
 
     /// The last `lines` lines of every process's output, for failure messages.
+    /// The sum of the samples of counter or gauge `name` whose labels
+    /// contain `label`, from gateway `gw`'s `/metrics` (0 when none yet).
+    pub async fn metric(&self, gw: usize, name: &str, label: &str) -> f64 {
+        let (status, text) = self.http(gw).get_text("/metrics").await;
+        assert_eq!(status, 200, "/metrics: {text}");
+        text.lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn logs_tail(&self, lines: usize) -> String {
         let mut out = String::new();
         for g in &self.gateways {
