@@ -216,13 +216,13 @@ impl Chats {
     /// The position of message `id` in `chat`, from its idempotency record
     /// (kept while it is fresh), for history cursors not yet in PostgreSQL.
     pub async fn seq_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<i64>, ChatError> {
-        let record: Option<Vec<u8>> = self.redis.query(redis::cmd("GET").arg(format!("msg:{id}"))).await?;
-        let Some(record) = record else {
-            return Ok(None);
-        };
-        // accept.lua writes it: MessagePack [from, chat, seq, ts, to].
-        let (_from, c, seq, _ts, _to): (String, String, i64, i64, String) = rmp_serde::from_slice(&record)
-            .map_err(|e| RedisError::Reply(format!("idempotency record of {id}: {e}")))?;
-        Ok((c == chat.to_string()).then_some(seq))
+        let (c, seq): (Option<String>, Option<i64>) = self
+            .redis
+            .query(redis::cmd("HMGET").arg(format!("msg:{id}")).arg("chat").arg("seq"))
+            .await?;
+        Ok(match (c, seq) {
+            (Some(c), Some(seq)) if c == chat.to_string() => Some(seq),
+            _ => None,
+        })
     }
 }

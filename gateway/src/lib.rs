@@ -100,6 +100,7 @@ impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         let metrics = Metrics::install(&config.node_id);
         let redis = RedisPool::connect(&config.redis_url, config.redis_connections, config.redis_timeout).await?;
+        run_script::require_redis_7(&redis).await?;
         let pool = pg_pool(&config)?;
         let shutdown = CancellationToken::new();
         // The bus outlives the drain: sockets not yet closed keep receiving.

@@ -19,14 +19,20 @@
 //!   any other gateway.
 //!
 //! That is also why this is not redis-rs's `Script`: on NOSCRIPT it loads its
-//! own text again, which would bring the old run id back.
+//! own text again, which would bring the old run id back. Loads are
+//! single-flight: calls that find the script missing wait for one load.
+//!
+//! Redis 7 or newer only: Redis 6 wrote `SCRIPT LOAD` to the AOF and to
+//! replicas, so a text with the old run id would survive a restart or a
+//! failover. A load refuses an older server.
 //!
 //! This module owns the loading; it never decides what a script does.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use redis::aio::ConnectionManager;
 use redis::{ErrorKind, FromRedisValue, RedisResult, ToRedisArgs};
+use tokio::sync::OnceCell;
 
 use crate::redis_pool::{RedisError, RedisPool};
 
@@ -39,8 +45,9 @@ const LOAD_TRIES: usize = 3;
 
 pub struct RunScript {
     template: &'static str,
-    /// The SHA of this script as loaded into the current run, once known.
-    loaded: Mutex<Option<String>>,
+    /// The SHA of this script as loaded into the current run, once loaded.
+    /// A new cell after NOSCRIPT; the cell makes the load single-flight.
+    loaded: Mutex<Arc<OnceCell<String>>>,
 }
 
 /// The keys and arguments of one call.
@@ -69,10 +76,10 @@ impl ScriptCall {
 impl RunScript {
     /// `template` must name the run id as `__REDIS_RUN_ID__` (a Lua string
     /// is put there).
-    pub const fn new(template: &'static str) -> RunScript {
+    pub fn new(template: &'static str) -> RunScript {
         RunScript {
             template,
-            loaded: Mutex::new(None),
+            loaded: Mutex::new(Arc::new(OnceCell::new())),
         }
     }
 
@@ -84,25 +91,29 @@ impl RunScript {
     }
 
     async fn call_on<T: FromRedisValue>(&self, conn: &mut ConnectionManager, call: &ScriptCall) -> RedisResult<T> {
-        let known = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let sha = match known {
-            Some(sha) => sha,
-            None => self.load(conn).await?,
-        };
+        let sha = self.sha(conn).await?;
         match evalsha(&sha, call).query_async(conn).await {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {
                 // Redis restarted (or its script cache was flushed).
                 self.forget(&sha);
-                let sha = self.load(conn).await?;
+                let sha = self.sha(conn).await?;
                 evalsha(&sha, call).query_async(conn).await
             }
             other => other,
         }
     }
 
+    /// The loaded script's SHA, loading it first (once, whoever asks) when
+    /// it is not.
+    async fn sha(&self, conn: &mut ConnectionManager) -> RedisResult<String> {
+        let cell = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        cell.get_or_try_init(|| self.load(conn)).await.cloned()
+    }
+
     async fn load(&self, conn: &mut ConnectionManager) -> RedisResult<String> {
         for _ in 0..LOAD_TRIES {
             let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+            check_version(&info)?;
             let run = run_id(&info)?;
             let text = self.text_for(run, &uuid::Uuid::now_v7().to_string());
             let (sha, info_after): (String, String) = redis::pipe()
@@ -114,7 +125,6 @@ impl RunScript {
                 .query_async(conn)
                 .await?;
             if run_id(&info_after)? == run {
-                *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
                 return Ok(sha);
             }
             tracing::info!("redis restarted while a script was being loaded; loading it again");
@@ -129,8 +139,8 @@ impl RunScript {
     /// Forgets `sha`, unless another call has loaded a newer one meanwhile.
     fn forget(&self, sha: &str) {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if loaded.as_deref() == Some(sha) {
-            *loaded = None;
+        if loaded.get().map(String::as_str) == Some(sha) {
+            *loaded = Arc::new(OnceCell::new());
         }
     }
 
@@ -150,6 +160,31 @@ fn evalsha(sha: &str, call: &ScriptCall) -> redis::Cmd {
         cmd.arg(&arg[..]);
     }
     cmd
+}
+
+/// Fails unless the server is Redis 7 or newer; the gateway checks at start,
+/// and every load checks again (the server may have been replaced).
+pub async fn require_redis_7(redis: &RedisPool) -> Result<(), RedisError> {
+    let info: String = redis.query(redis::cmd("INFO").arg("server")).await?;
+    check_version(&info).map_err(|e| RedisError::Unavailable(e.to_string()))
+}
+
+/// Refuses a Redis older than 7 (see the module's documentation).
+fn check_version(info: &str) -> RedisResult<()> {
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map(str::trim);
+    let major = version.and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+    match major {
+        Some(major) if major >= 7 => Ok(()),
+        _ => Err((
+            ErrorKind::ClientError,
+            "Redis 7 or newer is required",
+            format!("this server says redis_version {}", version.unwrap_or("(none)")),
+        )
+            .into()),
+    }
 }
 
 /// The `run_id` of an `INFO server` reply: 40 hex characters.
@@ -174,6 +209,15 @@ mod tests {
             run_id("run_id:'); evil\r\n").is_err(),
             "only a plain id goes into a script"
         );
+    }
+
+    #[test]
+    fn a_redis_older_than_7_is_refused() {
+        assert!(check_version("redis_version:7.0.15\r\n").is_ok());
+        assert!(check_version("redis_version:7.2.4\r\nrun_id:ab\r\n").is_ok());
+        let err = check_version("redis_version:6.2.14\r\n").unwrap_err();
+        assert!(err.to_string().contains("Redis 7 or newer"), "{err}");
+        assert!(check_version("# Server\r\n").is_err());
     }
 
     #[test]

@@ -24,16 +24,11 @@
 --       | {'conflict'} | {'not_found'} | {'forbidden'}
 local id, chat, from, to, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
--- The idempotency record: one MessagePack string {from, chat, seq, ts, to}.
--- Gateways before it wrote a hash of those fields; GET on one is an error,
--- so such a record is read as a hash.
-local prev = redis.pcall('GET', KEYS[1])
-if type(prev) == 'table' and prev.err then
-  prev = redis.call('HMGET', KEYS[1], 'from', 'chat', 'seq', 'ts', 'to')
-elseif prev then
-  prev = cmsgpack.unpack(prev)
-end
-if prev and prev[1] then
+-- The idempotency record stays a hash: a one-string record would be cheaper
+-- by one call, but gateways of the previous version (during a rolling
+-- upgrade, or after a rollback) read it with HMGET.
+local prev = redis.call('HMGET', KEYS[1], 'from', 'chat', 'seq', 'ts', 'to')
+if prev[1] then
   if prev[1] ~= from then return {'conflict'} end
   return {'dup', prev[2], prev[3], prev[4], prev[5] or ''}
 end
@@ -79,7 +74,8 @@ redis.call('HSET', KEYS[4], 'n', seq, 'rid', run_id)
 
 redis.call('XADD', KEYS[5], '*', 'v', '1', 'kind', 'message', 'id', id,
   'chat', chat, 'seq', seq, 'from', from, 'to', to, 'body', body, 'ts', ts)
-redis.call('SET', KEYS[1], cmsgpack.pack({from, chat, seq, ts, to}), 'EX', tonumber(ARGV[6]))
+redis.call('HSET', KEYS[1], 'from', from, 'chat', chat, 'seq', seq, 'ts', ts, 'to', to)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 
 -- The recent cache. Its floor hash says from which seq on the set holds
 -- every message of the chat (f, 0: from the very first one) and under which
