@@ -159,7 +159,9 @@ export class ChatClient extends EventTarget {
     this.lastTypingSent = 0;
     this.notice = null; // the latest error worth showing, {text, at}
     this.lastClose = null; // close code of the last socket (1001: its node was shutting down)
-    this.listEpoch = 0; // bumped by every chat list read and local change of the list
+    this.listRead = 0; // the latest chat list read started
+    this.listChanges = 0; // local changes of the list (a group created, a chat left)
+    this.listChain = 0; // the latest refreshChatsUntilDone; older ones stop retrying
   }
 
   // --- plumbing -----------------------------------------------------------
@@ -248,11 +250,15 @@ export class ChatClient extends EventTarget {
   }
 
   async refreshChats() {
-    const epoch = ++this.listEpoch;
+    const read = ++this.listRead;
+    const changes = this.listChanges;
     const list = await this.api('/v1/chats');
-    // A read started later, or a group created or left meanwhile, knows
-    // better: an older answer would bring back a left chat or drop a new one.
-    if (epoch !== this.listEpoch) return;
+    // A read started later answers instead of this one.
+    if (read !== this.listRead) return undefined;
+    // A group created or a chat left meanwhile: this answer may not know it
+    // (applied, it would drop the new group or bring the left chat back), and
+    // it may know something else new: read again.
+    if (changes !== this.listChanges) return this.refreshChats();
     const seen = new Set();
     for (const info of list) {
       const c = this.chat(info.id, info);
@@ -273,10 +279,11 @@ export class ChatClient extends EventTarget {
     this.emit('chats');
   }
 
-  /** refreshChats, tried again (while connected) until it works. */
-  refreshChatsUntilDone(attempt = 0) {
+  /** refreshChats, tried again (while connected) until it works; a newer call takes over the retries. */
+  refreshChatsUntilDone(attempt = 0, chain = ++this.listChain) {
     this.refreshChats().catch(() => {
-      if (this.ws) this.later(Math.min(2000, backoffDelay(attempt)), () => this.refreshChatsUntilDone(attempt + 1));
+      if (!this.ws || chain !== this.listChain) return;
+      this.later(Math.min(2000, backoffDelay(attempt)), () => this.refreshChatsUntilDone(attempt + 1, chain));
     });
   }
 
@@ -284,7 +291,7 @@ export class ChatClient extends EventTarget {
     const created = await this.api('/v1/chats', { method: 'POST', body: { title, visibility, members } });
     const c = this.chat(created.id, { ...created, kind: 'group' });
     c.listed = true;
-    this.listEpoch++;
+    this.listChanges++;
     this.emit('chats');
     return c;
   }
@@ -296,7 +303,7 @@ export class ChatClient extends EventTarget {
   async leave(chatId) {
     await this.api(`/v1/chats/${chatId}/members/${this.me}`, { method: 'DELETE' });
     this.chats.delete(chatId);
-    this.listEpoch++;
+    this.listChanges++;
     this.emit('chats');
   }
 
