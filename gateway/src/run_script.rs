@@ -171,10 +171,7 @@ pub async fn require_redis_7(redis: &RedisPool) -> Result<(), RedisError> {
 
 /// Refuses a Redis older than 7 (see the module's documentation).
 fn check_version(info: &str) -> RedisResult<()> {
-    let version = info
-        .lines()
-        .find_map(|line| line.strip_prefix("redis_version:"))
-        .map(str::trim);
+    let version = info_field(info, "redis_version");
     let major = version.and_then(|v| v.split('.').next()?.parse::<u32>().ok());
     match major {
         Some(major) if major >= 7 => Ok(()),
@@ -189,11 +186,16 @@ fn check_version(info: &str) -> RedisResult<()> {
 
 /// The `run_id` of an `INFO server` reply: 40 hex characters.
 fn run_id(info: &str) -> RedisResult<&str> {
-    info.lines()
-        .find_map(|line| line.strip_prefix("run_id:"))
-        .map(str::trim)
+    info_field(info, "run_id")
         .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()))
         .ok_or_else(|| (ErrorKind::TypeError, "INFO server has no run_id").into())
+}
+
+/// The value of `name` in an `INFO` reply (`name:value` lines).
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 #[cfg(test)]

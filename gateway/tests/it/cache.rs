@@ -62,22 +62,8 @@ async fn wait_stored(stack: &Stack, uncached: usize, who: Uuid, chat: Uuid, n: u
 
 /// `gateway_history_reads_total{source=...}` of gateway `gw`.
 async fn reads_from(stack: &Stack, gw: usize, source: &str) -> u64 {
-    metric_where(
-        stack,
-        gw,
-        "gateway_history_reads_total",
-        &format!("source=\"{source}\""),
-    )
-    .await
-}
-
-async fn metric(stack: &Stack, gw: usize, name: &str) -> u64 {
-    metric_where(stack, gw, name, "").await
-}
-
-/// The sum of a counter's samples whose labels contain `label`.
-async fn metric_where(stack: &Stack, gw: usize, name: &str, label: &str) -> u64 {
-    stack.metric(gw, name, label).await as u64
+    let label = format!("source=\"{source}\"");
+    stack.metric(gw, "gateway_history_reads_total", &label).await as u64
 }
 
 async fn history(stack: &Stack, gw: usize, who: Uuid, chat: Uuid, query: &str) -> Value {
@@ -211,7 +197,7 @@ async fn a_cold_cache_does_not_stampede_postgres() {
     assert!(answers
         .iter()
         .all(|(status, body)| *status == 200 && body == &answers[0].1));
-    let queries = metric(&stack, 0, "gateway_history_db_queries_total").await;
+    let queries = stack.metric(0, "gateway_history_db_queries_total", "").await as u64;
     println!("20 concurrent reads of a cold cache: {queries} PostgreSQL queries");
     // One shared window query and one refill; a little more if some requests
     // came late, but never one query per request.

@@ -119,10 +119,6 @@ impl Retry {
     }
 }
 
-async fn metric(stack: &Stack, gw: usize, metric: &str, label: &str) -> f64 {
-    stack.metric(gw, metric, label).await
-}
-
 #[tokio::test]
 async fn sends_over_the_burst_get_rate_limited_then_recover_while_others_send() {
     const BURST: usize = 5;
@@ -441,9 +437,9 @@ async fn a_client_that_stops_reading_is_closed_with_1008_and_loses_nothing_from_
     // closed her connection for overflow (its metrics say so).
     let mut acks = Vec::new();
     let mut batch_no = 0;
-    while metric(&stack, 0, "gateway_closes_total", "code=\"1008\"").await < 1.0 {
+    while stack.metric(0, "gateway_closes_total", "code=\"1008\"").await < 1.0 {
         if acks.len() >= MAX_MESSAGES {
-            let overflows = metric(&stack, 0, "gateway_slow_reader_closes_total", "").await;
+            let overflows = stack.metric(0, "gateway_slow_reader_closes_total", "").await;
             panic!(
                 "no 1008 close after {} messages to a client that reads nothing \
                  ({overflows} overflows of its queue counted)",
@@ -724,7 +720,7 @@ async fn a_client_that_answers_no_ping_is_dropped() {
     // The bystanders keep talking (and their clients answer pings) while
     // the gateway gives up on the silent one.
     let retry = Retry::new("the silent connection dropped", Duration::from_secs(15));
-    while metric(&stack, 0, "gateway_silent_drops_total", "").await < 1.0 {
+    while stack.metric(0, "gateway_silent_drops_total", "").await < 1.0 {
         others.still_served("while a silent client is connected").await;
         retry.pause().await;
     }
@@ -774,7 +770,7 @@ async fn a_client_that_sends_but_never_reads_is_dropped() {
     let retry = Retry::new("the deaf connection dropped", Duration::from_secs(30));
     let mut sent = 0;
     let ping = json!({ "type": "ping", "ref": "r".repeat(4096) });
-    while metric(&stack, 0, "gateway_silent_drops_total", "").await < 1.0 {
+    while stack.metric(0, "gateway_silent_drops_total", "").await < 1.0 {
         for _ in 0..BATCH {
             deaf.send_json(ping.clone()).await;
         }

@@ -269,8 +269,19 @@ async fn seq_of_send(client: &mut Client, to: Uuid, body: &str) -> i64 {
     }
 }
 
-fn restart_gap_env() -> Vec<(String, String)> {
-    vec![("CHAT_SEQ_RESTART_GAP".into(), RESTART_GAP.to_string())]
+/// A stack whose gateway jumps by `RESTART_GAP`, no persister, and Alice
+/// connected (with Bob to write to).
+async fn alice_writing_to_bob(redis_aof: bool) -> (Stack, Client, Uuid) {
+    let stack = Stack::start(StackOptions {
+        redis_aof,
+        persister: false,
+        env: vec![("CHAT_SEQ_RESTART_GAP".into(), RESTART_GAP.to_string())],
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let client = stack.connect(0, alice).await;
+    (stack, client, bob)
 }
 
 #[tokio::test]
@@ -278,15 +289,7 @@ async fn after_a_redis_restart_a_chats_seq_jumps_by_the_restart_gap() {
     // Redis may lose its last second of writes in a crash (AOF everysec),
     // counter increments included, while a persister already stored those
     // messages: the jump keeps a lost seq from being given twice.
-    let mut stack = Stack::start(StackOptions {
-        redis_aof: true,
-        persister: false,
-        env: restart_gap_env(),
-        ..StackOptions::default()
-    })
-    .await;
-    let (alice, bob) = (harness::user(), harness::user());
-    let mut client = stack.connect(0, alice).await;
+    let (mut stack, mut client, bob) = alice_writing_to_bob(true).await;
     assert_eq!(seq_of_send(&mut client, bob, "one").await, 1);
     assert_eq!(seq_of_send(&mut client, bob, "two").await, 2);
 
@@ -304,14 +307,7 @@ async fn after_a_redis_restart_a_chats_seq_jumps_by_the_restart_gap() {
 
 #[tokio::test]
 async fn a_flushed_script_cache_without_a_restart_does_not_move_the_seq() {
-    let stack = Stack::start(StackOptions {
-        persister: false,
-        env: restart_gap_env(),
-        ..StackOptions::default()
-    })
-    .await;
-    let (alice, bob) = (harness::user(), harness::user());
-    let mut client = stack.connect(0, alice).await;
+    let (stack, mut client, bob) = alice_writing_to_bob(false).await;
     assert_eq!(seq_of_send(&mut client, bob, "one").await, 1);
     let mut redis = stack.redis.connection().await;
     let _: () = redis::cmd("SCRIPT")

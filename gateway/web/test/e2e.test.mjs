@@ -88,6 +88,22 @@ function shown(user) {
   );
 }
 
+/** What a failure report says of `user`'s page (and of the stack): the client's state, frames, REST calls, logs. */
+async function pageReport(user) {
+  const state = await user.page
+    .evaluate(() => ({
+      status: window.chatClient.status,
+      lastClose: window.chatClient.lastClose,
+      banner: document.getElementById('banner').textContent,
+      chats: [...window.chatClient.chats.keys()],
+    }))
+    .catch((err) => String(err));
+  const frames = (list) => JSON.stringify(list.filter((f) => f.type !== 'ping' && f.type !== 'pong'));
+  let report = `client: ${JSON.stringify(state)}\nreceived: ${frames(user.received)}\nsent: ${frames(user.sent)}`;
+  for (const u of open) report += `\n${u.name}'s REST calls: ${u.calls.join(', ')}`;
+  return `${report}\n${stack.logs()}`;
+}
+
 async function waitForBodies(user, bodies, timeoutMs = WAIT_MS) {
   const what = `${user.name} sees ${bodies.join(' | ')}`;
   let seen = null;
@@ -99,10 +115,7 @@ async function waitForBodies(user, bodies, timeoutMs = WAIT_MS) {
       return bodies.every((b) => have.has(b)) && msgs;
     }, timeoutMs);
   } catch (e) {
-    const state = await user.page
-      .evaluate(() => ({ status: window.chatClient.status, lastClose: window.chatClient.lastClose, banner: document.getElementById('banner').textContent }))
-      .catch((err) => String(err));
-    e.message += `\n${user.name} shows ${JSON.stringify(seen)}\nclient: ${JSON.stringify(state)}\n${stack.logs()}`;
+    e.message += `\n${user.name} shows ${JSON.stringify(seen)}\n${await pageReport(user)}`;
     throw e;
   }
 }
@@ -117,14 +130,7 @@ async function openChat(user, chatId) {
   try {
     await item.waitFor({ timeout: WAIT_MS });
   } catch (e) {
-    const state = await user.page
-      .evaluate(() => ({ status: window.chatClient.status, chats: [...window.chatClient.chats.keys()] }))
-      .catch((err) => String(err));
-    const frames = (list) => JSON.stringify(list.filter((f) => f.type !== 'ping' && f.type !== 'pong'));
-    e.message += `\n${user.name} does not list ${chatId}\nclient: ${JSON.stringify(state)}`;
-    e.message += `\nreceived: ${frames(user.received)}\nsent: ${frames(user.sent)}`;
-    for (const u of open) e.message += `\n${u.name}'s REST calls: ${u.calls.join(', ')}`;
-    e.message += `\n${stack.logs()}`;
+    e.message += `\n${user.name} does not list ${chatId}\n${await pageReport(user)}`;
     throw e;
   }
   await item.click();

@@ -352,7 +352,6 @@ impl Stack {
         }
     }
 
-    /// The last `lines` lines of every process's output, for failure messages.
     /// The sum of the samples of counter or gauge `name` whose labels
     /// contain `label`, from gateway `gw`'s `/metrics` (0 when none yet).
     pub async fn metric(&self, gw: usize, name: &str, label: &str) -> f64 {
@@ -364,6 +363,7 @@ impl Stack {
             .sum()
     }
 
+    /// The last `lines` lines of every process's output, for failure messages.
     pub fn logs_tail(&self, lines: usize) -> String {
         let mut out = String::new();
         for g in &self.gateways {
