@@ -133,3 +133,10 @@ jwt_secret() {
         return 1
     fi
 }
+
+# Runtime threads for each of `$1` gateways sharing this machine: its share
+# of the cores, at least one (GATEWAY_WORKER_THREADS in README.md).
+gateway_threads() {
+    local share=$(($(nproc) / $1))
+    echo $((share > 0 ? share : 1))
+}

@@ -27,6 +27,12 @@ pub struct Config {
     pub redis_url: String,
     /// `DATABASE_URL`: PostgreSQL, read for history.
     pub database_url: String,
+    /// `GATEWAY_WORKER_THREADS`: threads of the async runtime (default: the
+    /// number of cores this process may use). Where several gateways share
+    /// a machine, give each its share: a worker thread that has the work
+    /// to itself writes queued frames in fewer, larger writes
+    /// (docs/benchmarks.md).
+    pub worker_threads: usize,
     /// `GATEWAY_SHARDS`: hub shards (default: the number of cores).
     pub shards: usize,
     /// `GATEWAY_REDIS_CONNECTIONS`: multiplexed connections for commands.
@@ -125,6 +131,12 @@ impl Config {
                 src,
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/chat".to_string(),
+            )?,
+            worker_threads: check(
+                "GATEWAY_WORKER_THREADS",
+                or(src, "GATEWAY_WORKER_THREADS", cores)?,
+                |n| (1..=256).contains(n),
+                "1..=256",
             )?,
             shards: check(
                 "GATEWAY_SHARDS",
@@ -293,25 +305,22 @@ mod tests {
         assert!(!c.dev_login, "the development sign-in is off unless asked for");
         assert!(c.web_dir.ends_with("web/public"));
         assert!(c.shards >= 1);
+        assert!(c.worker_threads >= 1);
     }
 
     #[test]
     fn a_bad_value_stops_start_naming_the_variable() {
-        let err = Config::from_source(&env(&[
-            ("CHAT_JWT_SECRET", "0123456789abcdef"),
+        for (name, value) in [
             ("GATEWAY_SHARDS", "0"),
-        ]))
-        .unwrap_err()
-        .to_string();
-        assert!(err.starts_with("GATEWAY_SHARDS=\"0\" is invalid"), "{err}");
+            ("GATEWAY_WORKER_THREADS", "0"),
+            ("CHAT_DEV_LOGIN", "yes"),
+        ] {
+            let err = Config::from_source(&env(&[("CHAT_JWT_SECRET", "0123456789abcdef"), (name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{name}=\"{value}\" is invalid")), "{err}");
+        }
         let err = Config::from_source(&env(&[])).unwrap_err().to_string();
         assert!(err.contains("CHAT_JWT_SECRET"), "{err}");
-        let err = Config::from_source(&env(&[
-            ("CHAT_JWT_SECRET", "0123456789abcdef"),
-            ("CHAT_DEV_LOGIN", "yes"),
-        ]))
-        .unwrap_err()
-        .to_string();
-        assert!(err.starts_with("CHAT_DEV_LOGIN=\"yes\" is invalid"), "{err}");
     }
 }

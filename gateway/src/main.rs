@@ -5,9 +5,19 @@ use anyhow::Context;
 use gateway::config::Config;
 use gateway::{telemetry, App};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::from_env().context("configuration")?;
+    // Built by hand rather than by `#[tokio::main]`, so the configuration
+    // sets its number of threads.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+        .context("async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     telemetry::init(config.log_json, &config.node_id);
     let app = App::build(config).await.context("start")?;
     let addr = app.local_addr().context("local address")?;
