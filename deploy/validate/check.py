@@ -291,6 +291,7 @@ def self_test(rendered):
         ("a final stage without USER 10001", head + marker + gateway_stage.replace("USER 10001:10001", "USER 0")),
         ("a workspace member left out of the build", original.replace("COPY scripts/loadgen scripts/loadgen\n", "")),
         ("a toolchain in the gateway image", head + marker + "RUN apt-get install -y gcc\n" + gateway_stage),
+        ("a gateway image without the browser client", original.replace("COPY gateway/web/public ", "# ")),
     ]:
         if bad == original:
             fail(f"self-test: could not make {what} (deploy/Dockerfile changed shape; update the self-test)")
@@ -306,7 +307,7 @@ def self_test(rendered):
     if not any(f.startswith("self-test") for f in failures):
         ok(
             f"self-test: {len(POLICY_MUTATIONS)} bad manifests, an unknown field, an unsupported "
-            "kustomize field and 3 bad Dockerfiles are all rejected"
+            "kustomize field and 4 bad Dockerfiles are all rejected"
         )
 
 

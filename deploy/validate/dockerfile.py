@@ -2,7 +2,8 @@
 a `build` stage on the Rust image running `cargo build --release --locked`
 for both binaries; a `runtime` stage on Debian slim (or distroless) with CA
 certificates and nothing to build with; `gateway` and `persister` targets
-that copy one binary each from `build` and run as user 10001. And the build
+that copy one binary each from `build` (the gateway also the browser
+client's files, with GATEWAY_WEB_DIR naming where) and run as user 10001. And the build
 stage's context: copying exactly what the Dockerfile copies into an empty
 directory must give a workspace cargo can load with the committed
 Cargo.lock (`cargo metadata --locked --offline`), so a new workspace member
@@ -22,6 +23,9 @@ import tomllib
 from dockerfile_parse import DockerfileParser
 
 FINAL = ("gateway", "persister")
+# Files an image needs beside its binary, from the context (not `build`), and
+# the variable that tells the binary where they are.
+STATIC = {"gateway": ("gateway/web/public", "GATEWAY_WEB_DIR")}
 USER = re.compile(r"^10001(:10001)?$")
 RUNTIME_BASES = ("debian:bookworm-slim", "gcr.io/distroless/cc")
 TOOLCHAIN = re.compile(r"\b(cargo|rustc|rustup|gcc|g\+\+|clang|build-essential|make)\b")
@@ -91,10 +95,19 @@ def check(root):
         users = [v for k, v in by_name["runtime"][1] + body if k == "USER"]
         need(users and USER.match(users[-1].strip()), f"stage `{binary}` does not run as user 10001 (USER {users[-1:]})")
         copies = [v for k, v in body if k == "COPY"]
-        need(
-            copies == [f"--from=build /out/{binary} /usr/local/bin/{binary}"],
-            f"stage `{binary}` copies {copies}, want only its binary from `build`",
-        )
+        want = [f"--from=build /out/{binary} /usr/local/bin/{binary}"]
+        static = STATIC.get(binary)
+        if static:
+            source, variable = static
+            envs = dict(v.split("=", 1) for k, v in body if k == "ENV" and "=" in v)
+            place = envs.get(variable, "").strip('"')
+            need(place, f"stage `{binary}` sets no {variable} for {source}")
+            need(
+                os.path.isfile(os.path.join(root, source, "index.html")),
+                f"{source} has no index.html to copy into stage `{binary}`",
+            )
+            want.append(f"{source} {place}")
+        need(copies == want, f"stage `{binary}` copies {copies}, want {want}")
         entry = [v for k, v in body if k == "ENTRYPOINT"]
         need(entry and entry[-1].strip() == f'["/usr/local/bin/{binary}"]', f"stage `{binary}`: ENTRYPOINT {entry}")
     need(layout[-1][0] in FINAL, "the last stage (built without --target) is not an image target")
