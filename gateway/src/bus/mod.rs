@@ -15,6 +15,7 @@
 //! This module owns the envelope format and decodes it into hub deliveries.
 //! It never touches PostgreSQL and never writes to a client.
 
+mod resp;
 pub mod subscriber;
 
 use serde::Deserialize;

@@ -2,21 +2,26 @@
 //! channels of that shard's users and chats.
 //!
 //! Two tasks per shard. The supervisor owns the set of channels the shard
-//! wants and the subscribing half of the connection; it (re)connects with
-//! backoff and re-subscribes everything after Redis comes back. The reader
-//! decodes publications and hands them to the shard, waiting when the shard
-//! is busy (backpressure reaches Redis's output buffer, never memory here).
-//! The supervisor never sends to the shard, so shard → supervisor and
-//! reader → shard cannot wait on each other.
+//! wants and the writing half of the connection (`resp`); it (re)connects
+//! with backoff and re-subscribes everything after Redis comes back. The
+//! reader owns the reading half: it decodes publications and hands them to
+//! the shard, waiting when the shard is busy, so backpressure reaches the
+//! socket and Redis's output buffer, never memory here. It counts Redis's
+//! confirmations of subscription changes, and the supervisor answers a
+//! barrier once the count covers every change made before it.
+//!
+//! The supervisor never waits on the reader or the shard: it keeps taking
+//! the shard's requests while confirmations are outstanding. So shard →
+//! supervisor, supervisor → reader (confirmations) and reader → shard
+//! cannot wait on each other in a circle, however full each queue is.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::resp::{self, Commands, Push, Pushes};
 use super::Origin;
 use crate::hub::{BusDown, Hub, Interest};
 
@@ -35,8 +40,8 @@ pub fn spawn(
         hub,
         origin,
         channels: HashSet::new(),
-        sink: None,
-        reader: None,
+        live: None,
+        waiting: Vec::new(),
     };
     tokio::spawn(supervisor.run(interest, shutdown));
 }
@@ -47,19 +52,26 @@ struct Supervisor {
     hub: Hub,
     origin: Origin,
     channels: HashSet<String>,
-    sink: Option<PubSubSink>,
-    /// The reader of the current connection; there is never more than one.
-    reader: Option<Reader>,
+    live: Option<Live>,
+    /// Barriers waiting for confirmations: answered once the connection has
+    /// confirmed this many channel changes.
+    waiting: Vec<(u64, oneshot::Sender<Result<(), BusDown>>)>,
 }
 
-/// The reading half's task, and a signal that it ended (connection lost).
-struct Reader {
+/// The current connection: its writing half, its reader task, and how many
+/// channel changes were sent on it and confirmed so far.
+struct Live {
+    commands: Commands,
+    sent: u64,
+    confirmed: watch::Receiver<u64>,
     gone: oneshot::Receiver<()>,
-    task: tokio::task::AbortHandle,
+    reader: tokio::task::AbortHandle,
 }
 
 /// Interest requests handled in one round of Redis calls.
 const INTEREST_BATCH: usize = 512;
+/// Channels per SUBSCRIBE command when subscribing everything again.
+const CHANNELS_PER_COMMAND: usize = 512;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -67,10 +79,13 @@ impl Supervisor {
     async fn run(mut self, mut interest: mpsc::Receiver<Interest>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            if self.sink.is_none() {
+            if self.live.is_none() {
                 match self.connect().await {
                     Ok(()) => backoff = BACKOFF_MIN,
-                    Err(e) => tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis"),
+                    Err(e) => {
+                        tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
+                        self.fail_waiting();
+                    }
                 }
             }
             tokio::select! {
@@ -78,12 +93,15 @@ impl Supervisor {
                     Some(cmd) => self.handle(cmd, &mut interest).await,
                     None => return,
                 },
-                _ = wait_gone(&mut self.reader) => {
-                    tracing::warn!(shard = self.shard, "bus subscriber lost redis; reconnecting");
-                    metrics::counter!("gateway_bus_reconnects_total").increment(1);
-                    self.disconnect();
-                }
-                _ = tokio::time::sleep(backoff), if self.sink.is_none() => {
+                event = next_event(&mut self.live) => match event {
+                    Event::Confirmed => self.answer_confirmed(),
+                    Event::Gone => {
+                        tracing::warn!(shard = self.shard, "bus subscriber lost redis; reconnecting");
+                        metrics::counter!("gateway_bus_reconnects_total").increment(1);
+                        self.disconnect();
+                    }
+                },
+                _ = tokio::time::sleep(backoff), if self.live.is_none() => {
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
                 _ = shutdown.cancelled() => return,
@@ -92,9 +110,9 @@ impl Supervisor {
     }
 
     /// Handles `first` and whatever else the shard has queued (up to a
-    /// batch): one SUBSCRIBE and one UNSUBSCRIBE round trip for all of it,
-    /// rather than one per channel, so connections opening together wait
-    /// for Redis once. Barriers are answered after the batch is in effect.
+    /// batch): one SUBSCRIBE and one UNSUBSCRIBE for all of it, rather than
+    /// one per channel, so connections opening together wait for Redis once.
+    /// Barriers are answered once the batch is confirmed, not here.
     async fn handle(&mut self, first: Interest, interest: &mut mpsc::Receiver<Interest>) {
         let mut subscribe = HashSet::new();
         let mut unsubscribe = HashSet::new();
@@ -122,46 +140,92 @@ impl Supervisor {
                 next = interest.try_recv().ok();
             }
         }
-        if let Some(sink) = &self.sink {
-            if let Err(e) = each(sink, Change::Subscribe, subscribe.iter()).await {
-                tracing::warn!(error = %e, "subscribe failed; will resubscribe on reconnect");
-                self.disconnect();
-            }
-        }
-        if let Some(sink) = &self.sink {
-            if each(sink, Change::Unsubscribe, unsubscribe.iter()).await.is_err() {
-                self.disconnect();
+        if let Some(live) = &mut self.live {
+            let subscribe: Vec<&str> = subscribe.iter().map(String::as_str).collect();
+            let unsubscribe: Vec<&str> = unsubscribe.iter().map(String::as_str).collect();
+            let sent = async {
+                live.commands.subscribe(&subscribe).await?;
+                live.commands.unsubscribe(&unsubscribe).await
+            };
+            match sent.await {
+                Ok(()) => live.sent += (subscribe.len() + unsubscribe.len()) as u64,
+                Err(e) => {
+                    tracing::warn!(error = %e, "subscription change failed; will resubscribe on reconnect");
+                    self.disconnect();
+                }
             }
         }
         if barriers.is_empty() {
             return;
         }
-        if self.sink.is_none() {
+        if self.live.is_none() {
             // Subscribes everything wanted, this batch included.
-            let _ = self.connect().await;
+            if let Err(e) = self.connect().await {
+                tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
+            }
         }
-        let answer = if self.sink.is_some() { Ok(()) } else { Err(BusDown) };
-        for ready in barriers {
-            let _ = ready.send(answer.clone());
+        match &self.live {
+            Some(live) => {
+                let target = live.sent;
+                self.waiting.extend(barriers.into_iter().map(|ready| (target, ready)));
+                self.answer_confirmed();
+            }
+            None => {
+                for ready in barriers {
+                    let _ = ready.send(Err(BusDown));
+                }
+            }
+        }
+    }
+
+    /// Answers the barriers whose changes the connection has confirmed.
+    fn answer_confirmed(&mut self) {
+        let Some(live) = &self.live else { return };
+        let confirmed = *live.confirmed.borrow();
+        let (done, still): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(target, _)| *target <= confirmed);
+        self.waiting = still;
+        for (_, ready) in done {
+            let _ = ready.send(Ok(()));
+        }
+    }
+
+    /// Barriers of a connection that is gone get `BusDown`.
+    fn fail_waiting(&mut self) {
+        for (_, ready) in self.waiting.drain(..) {
+            let _ = ready.send(Err(BusDown));
         }
     }
 
     /// Opens a new connection subscribed to every channel wanted, in place
-    /// of the current one.
-    async fn connect(&mut self) -> Result<(), redis::RedisError> {
+    /// of the current one. Barriers still waiting now wait for the new
+    /// connection's subscriptions.
+    async fn connect(&mut self) -> std::io::Result<()> {
         self.disconnect();
-        let pubsub = self.client.get_async_pubsub().await?;
-        let (sink, stream) = pubsub.split();
-        let channels: Vec<&String> = self.channels.iter().collect();
-        for chunk in channels.chunks(INTEREST_BATCH) {
-            each(&sink, Change::Subscribe, chunk.iter().copied()).await?;
+        let (mut commands, pushes) = resp::connect(self.client.get_connection_info()).await?;
+        let channels: Vec<&str> = self.channels.iter().map(String::as_str).collect();
+        for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
+            commands.subscribe(chunk).await?;
         }
+        let sent = channels.len() as u64;
+        let (confirmed_tx, confirmed) = watch::channel(0);
         let (gone_tx, gone) = oneshot::channel();
-        let task = tokio::spawn(read(stream, self.shard, self.hub.clone(), self.origin.clone(), gone_tx));
-        self.sink = Some(sink);
-        self.reader = Some(Reader {
+        let reader = Reader {
+            pushes,
+            shard: self.shard,
+            hub: self.hub.clone(),
+            origin: self.origin.clone(),
+            confirmed: confirmed_tx,
+        };
+        let task = tokio::spawn(reader.run(gone_tx));
+        for (target, _) in &mut self.waiting {
+            *target = sent;
+        }
+        self.live = Some(Live {
+            commands,
+            sent,
+            confirmed,
             gone,
-            task: task.abort_handle(),
+            reader: task.abort_handle(),
         });
         Ok(())
     }
@@ -170,62 +234,63 @@ impl Supervisor {
     /// left running on a connection still subscribed would deliver every
     /// publication a second time once a new connection subscribes.
     fn disconnect(&mut self) {
-        self.sink = None;
-        if let Some(reader) = self.reader.take() {
-            reader.task.abort();
+        if let Some(live) = self.live.take() {
+            live.reader.abort();
         }
     }
 }
 
-#[derive(Clone, Copy)]
-enum Change {
-    Subscribe,
-    Unsubscribe,
+enum Event {
+    /// The connection confirmed more channel changes.
+    Confirmed,
+    /// The connection ended.
+    Gone,
 }
 
-/// Subscribes to (or unsubscribes from) `channels`, pipelined: one command
-/// per channel, all sent before the first reply is read, and returns once
-/// Redis has confirmed every one.
-///
-/// One command per channel because redis-rs 0.32 matches confirmations to
-/// requests one for one: `SUBSCRIBE a b` gets two confirmations, the call
-/// returns on the first, and the second would be taken as the answer to
-/// the next request, reporting a later subscription in effect too early.
-async fn each<'a>(
-    sink: &PubSubSink,
-    change: Change,
-    channels: impl Iterator<Item = &'a String>,
-) -> redis::RedisResult<()> {
-    let calls = channels.map(|channel| {
-        let mut sink = sink.clone();
-        async move {
-            match change {
-                Change::Subscribe => sink.subscribe(channel).await,
-                Change::Unsubscribe => sink.unsubscribe(channel).await,
+/// The current connection's next event; never, without one.
+async fn next_event(live: &mut Option<Live>) -> Event {
+    let Some(live) = live else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        changed = live.confirmed.changed() => match changed {
+            Ok(()) => Event::Confirmed,
+            // The reader ended: the connection is gone.
+            Err(_) => Event::Gone,
+        },
+        _ = &mut live.gone => Event::Gone,
+    }
+}
+
+/// The reading half's task.
+struct Reader {
+    pushes: Pushes,
+    shard: usize,
+    hub: Hub,
+    origin: Origin,
+    confirmed: watch::Sender<u64>,
+}
+
+impl Reader {
+    async fn run(mut self, gone: oneshot::Sender<()>) {
+        loop {
+            match self.pushes.next().await {
+                Ok(Push::Message { channel, payload }) => match super::decode(&channel, &payload, &self.origin) {
+                    Ok(delivery) => self.hub.deliver(self.shard, delivery).await,
+                    Err(e) => {
+                        metrics::counter!("gateway_bus_bad_envelopes_total").increment(1);
+                        tracing::warn!(error = %e, "dropping an undecodable publication");
+                    }
+                },
+                Ok(Push::Confirmed) => self.confirmed.send_modify(|n| *n += 1),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                        tracing::warn!(shard = self.shard, error = %e, "bus connection failed");
+                    }
+                    break;
+                }
             }
         }
-    });
-    futures_util::future::try_join_all(calls).await.map(|_| ())
-}
-
-async fn wait_gone(reader: &mut Option<Reader>) {
-    match reader {
-        Some(reader) => {
-            let _ = (&mut reader.gone).await;
-        }
-        None => std::future::pending().await,
+        let _ = gone.send(());
     }
-}
-
-async fn read(mut stream: PubSubStream, shard: usize, hub: Hub, origin: Origin, gone: oneshot::Sender<()>) {
-    while let Some(msg) = stream.next().await {
-        match super::decode(msg.get_channel_name(), msg.get_payload_bytes(), &origin) {
-            Ok(delivery) => hub.deliver(shard, delivery).await,
-            Err(e) => {
-                metrics::counter!("gateway_bus_bad_envelopes_total").increment(1);
-                tracing::warn!(error = %e, "dropping an undecodable publication");
-            }
-        }
-    }
-    let _ = gone.send(());
 }

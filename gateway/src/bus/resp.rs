@@ -1,0 +1,357 @@
+//! A Redis pub/sub connection that reads no faster than its shard takes
+//! deliveries.
+//!
+//! redis-rs's pub/sub connection reads the socket in a task of its own and
+//! queues every publication in an unbounded channel, so a shard that falls
+//! behind would grow the gateway's memory without limit. Here the reading
+//! half is read by the shard's reader task itself: when the shard is busy,
+//! publications wait in the socket and then in Redis's output buffer for
+//! this client, and Redis drops a subscriber that lets that buffer pass its
+//! `client-output-buffer-limit pubsub` (the supervisor then reconnects, and
+//! clients catch up from history, as after any bus outage).
+//!
+//! It speaks the little of RESP2 that pub/sub needs: `AUTH`, `SUBSCRIBE`,
+//! `UNSUBSCRIBE` out; simple strings, errors, integers, bulk strings and
+//! flat arrays in. It owns the socket; it knows nothing of envelopes or shards.
+
+use std::io;
+
+use redis::{ConnectionAddr, ConnectionInfo};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The largest publication accepted; a bigger one is a protocol error (the
+/// accept script publishes bodies of at most `CHAT_MAX_BODY_BYTES`).
+const MAX_BULK: usize = 16 * 1024 * 1024;
+/// Read buffer of a subscriber connection.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// The writing half: subscription changes.
+pub struct Commands {
+    write: WriteHalf,
+}
+
+/// The reading half: publications and confirmations, in the order Redis
+/// sent them.
+pub struct Pushes {
+    read: BufReader<ReadHalf>,
+}
+
+/// What Redis pushes to a subscriber.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// A publication on `channel`.
+    Message { channel: String, payload: Vec<u8> },
+    /// One channel of a `SUBSCRIBE` or `UNSUBSCRIBE` is in effect.
+    Confirmed,
+}
+
+/// Connects to the Redis of `info` (TCP or a Unix socket, with `AUTH` when
+/// it has a password).
+pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
+    let (read, write): (ReadHalf, WriteHalf) = match &info.addr {
+        ConnectionAddr::Tcp(host, port) => {
+            let stream = TcpStream::connect((host.as_str(), *port)).await?;
+            stream.set_nodelay(true)?;
+            let (read, write) = stream.into_split();
+            (Box::new(read), Box::new(write))
+        }
+        ConnectionAddr::Unix(path) => {
+            let (read, write) = UnixStream::connect(path).await?.into_split();
+            (Box::new(read), Box::new(write))
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the cluster bus connects to Redis without TLS (docs/operations.md)",
+            ))
+        }
+    };
+    let mut commands = Commands { write };
+    let mut pushes = Pushes {
+        read: BufReader::with_capacity(READ_BUFFER, read),
+    };
+    if let Some(password) = &info.redis.password {
+        let mut auth: Vec<&[u8]> = vec![b"AUTH"];
+        if let Some(user) = &info.redis.username {
+            auth.push(user.as_bytes());
+        }
+        auth.push(password.as_bytes());
+        commands.send(&auth).await?;
+        match pushes.read_value().await? {
+            Value::Simple => {}
+            Value::Error(e) => return Err(protocol(format!("AUTH refused: {e}"))),
+            other => return Err(protocol(format!("AUTH answered {other:?}"))),
+        }
+    }
+    Ok((commands, pushes))
+}
+
+impl Commands {
+    /// `SUBSCRIBE` every channel in one command; Redis confirms each.
+    pub async fn subscribe(&mut self, channels: &[&str]) -> io::Result<()> {
+        self.change("SUBSCRIBE", channels).await
+    }
+
+    /// `UNSUBSCRIBE` every channel in one command; Redis confirms each.
+    pub async fn unsubscribe(&mut self, channels: &[&str]) -> io::Result<()> {
+        self.change("UNSUBSCRIBE", channels).await
+    }
+
+    async fn change(&mut self, command: &str, channels: &[&str]) -> io::Result<()> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(channels.len() + 1);
+        parts.push(command.as_bytes());
+        parts.extend(channels.iter().map(|c| c.as_bytes()));
+        self.send(&parts).await
+    }
+
+    async fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        self.write.write_all(&encode(parts)).await
+    }
+}
+
+impl Pushes {
+    /// The next push. An error reply, a malformed frame or an end of stream
+    /// is an error: the connection is no longer usable.
+    pub async fn next(&mut self) -> io::Result<Push> {
+        match self.read_value().await? {
+            Value::Array(items) => to_push(items),
+            Value::Error(e) => Err(protocol(format!("redis error on the bus: {e}"))),
+            other => Err(protocol(format!("unexpected reply on the bus: {other:?}"))),
+        }
+    }
+
+    async fn read_value(&mut self) -> io::Result<Value> {
+        let line = self.read_line().await?;
+        let (kind, rest) = line.split_first().ok_or_else(|| protocol("empty line".into()))?;
+        match kind {
+            b'*' => {
+                let n = number(rest)?;
+                // Pub/sub pushes have three items (four for pattern messages).
+                if !(0..=8).contains(&n) {
+                    return Err(protocol(format!("array of {n} items on the bus")));
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let line = self.read_line().await?;
+                    items.push(self.scalar(&line).await?);
+                }
+                Ok(Value::Array(items))
+            }
+            _ => self.scalar(&line).await,
+        }
+    }
+
+    /// A value that is not an array, whose first line is `line`.
+    async fn scalar(&mut self, line: &[u8]) -> io::Result<Value> {
+        let (kind, rest) = line.split_first().ok_or_else(|| protocol("empty line".into()))?;
+        match kind {
+            b'+' => Ok(Value::Simple),
+            b'-' => Ok(Value::Error(String::from_utf8_lossy(rest).into_owned())),
+            b':' => number(rest).map(|_| Value::Int),
+            b'$' => {
+                let len = number(rest)?;
+                if len < 0 {
+                    return Ok(Value::Nil);
+                }
+                let len = len as usize;
+                if len > MAX_BULK {
+                    return Err(protocol(format!("bulk string of {len} bytes on the bus")));
+                }
+                let mut bytes = vec![0; len + 2];
+                self.read.read_exact(&mut bytes).await?;
+                if !bytes.ends_with(b"\r\n") {
+                    return Err(protocol("bulk string without its CRLF".into()));
+                }
+                bytes.truncate(len);
+                Ok(Value::Bulk(bytes))
+            }
+            other => Err(protocol(format!("unexpected type byte {other:#04x} on the bus"))),
+        }
+    }
+
+    /// One line without its CRLF; at most a short header's length.
+    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        let mut line = Vec::with_capacity(16);
+        let n = (&mut self.read).take(1024).read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if !line.ends_with(b"\r\n") {
+            return Err(protocol("line without CRLF (or over 1 KiB)".into()));
+        }
+        line.truncate(line.len() - 2);
+        Ok(line)
+    }
+}
+
+/// A RESP2 value; simple strings and integers carry nothing pub/sub needs.
+#[derive(Debug)]
+enum Value {
+    Simple,
+    Error(String),
+    Int,
+    Bulk(Vec<u8>),
+    Nil,
+    Array(Vec<Value>),
+}
+
+fn to_push(items: Vec<Value>) -> io::Result<Push> {
+    let mut items = items.into_iter();
+    let kind = match items.next() {
+        Some(Value::Bulk(kind)) => kind,
+        other => return Err(protocol(format!("push without a kind: {other:?}"))),
+    };
+    match kind.as_slice() {
+        b"message" => match (items.next(), items.next()) {
+            (Some(Value::Bulk(channel)), Some(Value::Bulk(payload))) => Ok(Push::Message {
+                channel: String::from_utf8(channel).map_err(|_| protocol("channel name not UTF-8".into()))?,
+                payload,
+            }),
+            other => Err(protocol(format!("malformed message push: {other:?}"))),
+        },
+        b"subscribe" | b"unsubscribe" => Ok(Push::Confirmed),
+        other => Err(protocol(format!(
+            "unexpected push {:?} on the bus",
+            String::from_utf8_lossy(other)
+        ))),
+    }
+}
+
+/// A command as a RESP array of bulk strings.
+fn encode(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + parts.iter().map(|p| p.len() + 16).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    for part in parts {
+        out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+fn number(digits: &[u8]) -> io::Result<i64> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| protocol(format!("not a number: {:?}", String::from_utf8_lossy(digits))))
+}
+
+fn protocol(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pushes parsed from `bytes`, as a subscriber would read them.
+    async fn parse(bytes: &[u8]) -> Vec<io::Result<Push>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bytes = bytes.to_vec();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.write_all(&bytes).await.unwrap();
+        });
+        let info: ConnectionInfo = format!("redis://{addr}").parse().unwrap();
+        let (_commands, mut pushes) = connect(&info).await.unwrap();
+        server.await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            let push = pushes.next().await;
+            let end = push.is_err();
+            out.push(push);
+            if end {
+                return out;
+            }
+        }
+    }
+
+    /// Connects with `url` to a server that reads one command, answers
+    /// `answer`, and returns what it read.
+    async fn auth_against(url_user: &str, answer: &'static [u8]) -> (io::Result<()>, Vec<u8>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut got = vec![0; 256];
+            let n = socket.read(&mut got).await.unwrap();
+            got.truncate(n);
+            socket.write_all(answer).await.unwrap();
+            got
+        });
+        let info: ConnectionInfo = format!("redis://{url_user}@{addr}").parse().unwrap();
+        let result = connect(&info).await.map(|_| ());
+        (result, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_password_in_the_url_is_sent_with_auth_and_a_refusal_fails_the_connection() {
+        let (ok, sent) = auth_against(":s3cret", b"+OK\r\n").await;
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(sent, b"*2\r\n$4\r\nAUTH\r\n$6\r\ns3cret\r\n");
+        let (ok, sent) = auth_against("bus:s3cret", b"+OK\r\n").await;
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(sent, b"*3\r\n$4\r\nAUTH\r\n$3\r\nbus\r\n$6\r\ns3cret\r\n");
+        let (refused, _) = auth_against(":wrong", b"-WRONGPASS invalid username-password pair\r\n").await;
+        let e = refused.unwrap_err();
+        assert!(e.to_string().contains("AUTH refused"), "{e}");
+    }
+
+    #[test]
+    fn commands_are_arrays_of_bulk_strings() {
+        assert_eq!(
+            encode(&[b"SUBSCRIBE", b"u:1", b"c:2"]),
+            b"*3\r\n$9\r\nSUBSCRIBE\r\n$3\r\nu:1\r\n$3\r\nc:2\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn confirmations_and_messages_come_in_order_with_binary_payloads() {
+        let pushes = parse(
+            b"*3\r\n$9\r\nsubscribe\r\n$3\r\nu:1\r\n:1\r\n\
+              *3\r\n$7\r\nmessage\r\n$3\r\nu:1\r\n$4\r\n\x93\r\n\x00\r\n\
+              *3\r\n$11\r\nunsubscribe\r\n$3\r\nu:1\r\n:0\r\n",
+        )
+        .await;
+        assert_eq!(pushes.len(), 4, "{pushes:?}");
+        assert_eq!(pushes[0].as_ref().unwrap(), &Push::Confirmed);
+        assert_eq!(
+            pushes[1].as_ref().unwrap(),
+            &Push::Message {
+                channel: "u:1".into(),
+                payload: b"\x93\r\n\x00".to_vec()
+            }
+        );
+        assert_eq!(pushes[2].as_ref().unwrap(), &Push::Confirmed);
+        assert_eq!(pushes[3].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn malformed_or_oversized_input_is_an_error_not_a_panic_or_an_allocation() {
+        for bad in [
+            &b"*3\r\n$7\r\nmessage\r\n$3\r\nu:1\r\n$999999999999\r\n"[..],
+            b"*99999999\r\n",
+            b"-ERR something\r\n",
+            b"*3\r\n$7\r\nmessage\r\n$3\r\nu:1\r\n$4\r\nab\r\n",
+            b"*1\r\n$4\r\npong\r\n",
+            b"?\r\n",
+        ] {
+            let pushes = parse(bad).await;
+            let last = pushes.last().unwrap();
+            assert!(
+                matches!(last, Err(e) if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::UnexpectedEof),
+                "{:?}: {pushes:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(pushes[..pushes.len() - 1].iter().all(|p| p.is_ok()));
+        }
+    }
+}
