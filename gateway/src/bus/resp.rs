@@ -50,7 +50,7 @@ pub enum Push {
 }
 
 /// Connects to the Redis of `info` (TCP or a Unix socket, with `AUTH` when
-/// it has a password).
+/// it has a password) and checks that it answers `PING`.
 pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
     let (read, write): (ReadHalf, WriteHalf) = match &info.addr {
         ConnectionAddr::Tcp(host, port) => {
@@ -87,7 +87,14 @@ pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
             other => return Err(protocol(format!("AUTH answered {other:?}"))),
         }
     }
-    Ok((commands, pushes))
+    // A server that refuses this client (too many clients, protected mode,
+    // a password it wants) says so here, not after the connection counts as up.
+    commands.send(&[b"PING"]).await?;
+    match pushes.read_value().await? {
+        Value::Simple => Ok((commands, pushes)),
+        Value::Error(e) => Err(protocol(format!("redis refused the connection: {e}"))),
+        other => Err(protocol(format!("PING answered {other:?}"))),
+    }
 }
 
 impl Commands {
@@ -251,58 +258,73 @@ fn protocol(message: String) -> io::Error {
 mod tests {
     use super::*;
 
-    /// Pushes parsed from `bytes`, as a subscriber would read them.
-    async fn parse(bytes: &[u8]) -> Vec<io::Result<Push>> {
+    /// A server that reads one request, writes `answer`, ends its side, and
+    /// returns the request once the client has gone.
+    async fn fake_redis(answer: Vec<u8>) -> (ConnectionInfo, tokio::task::JoinHandle<Vec<u8>>, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let bytes = bytes.to_vec();
         let server = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
-            socket.write_all(&bytes).await.unwrap();
+            let mut request = vec![0; 256];
+            let n = socket.read(&mut request).await.unwrap();
+            request.truncate(n);
+            socket.write_all(&answer).await.unwrap();
+            socket.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = socket.read_to_end(&mut rest).await;
+            request
         });
         let info: ConnectionInfo = format!("redis://{addr}").parse().unwrap();
-        let (_commands, mut pushes) = connect(&info).await.unwrap();
-        server.await.unwrap();
+        (info, server, addr.to_string())
+    }
+
+    /// Pushes parsed from `bytes` after the PING's answer, as a subscriber
+    /// would read them.
+    async fn parse(bytes: &[u8]) -> Vec<io::Result<Push>> {
+        let (info, server, _) = fake_redis([b"+PONG\r\n", bytes].concat()).await;
+        let (commands, mut pushes) = connect(&info).await.unwrap();
         let mut out = Vec::new();
         loop {
             let push = pushes.next().await;
             let end = push.is_err();
             out.push(push);
             if end {
-                return out;
+                break;
             }
         }
+        drop((commands, pushes));
+        assert_eq!(server.await.unwrap(), b"*1\r\n$4\r\nPING\r\n");
+        out
     }
 
-    /// Connects with `url` to a server that reads one command, answers
-    /// `answer`, and returns what it read.
+    /// Connects with `user:password` to a server answering `answer`;
+    /// returns the outcome and the first command the server read.
     async fn auth_against(url_user: &str, answer: &'static [u8]) -> (io::Result<()>, Vec<u8>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut got = vec![0; 256];
-            let n = socket.read(&mut got).await.unwrap();
-            got.truncate(n);
-            socket.write_all(answer).await.unwrap();
-            got
-        });
+        let (_, server, addr) = fake_redis(answer.to_vec()).await;
         let info: ConnectionInfo = format!("redis://{url_user}@{addr}").parse().unwrap();
-        let result = connect(&info).await.map(|_| ());
+        let result = connect(&info).await.map(drop);
         (result, server.await.unwrap())
     }
 
     #[tokio::test]
     async fn a_password_in_the_url_is_sent_with_auth_and_a_refusal_fails_the_connection() {
-        let (ok, sent) = auth_against(":s3cret", b"+OK\r\n").await;
+        let (ok, sent) = auth_against(":s3cret", b"+OK\r\n+PONG\r\n").await;
         assert!(ok.is_ok(), "{ok:?}");
         assert_eq!(sent, b"*2\r\n$4\r\nAUTH\r\n$6\r\ns3cret\r\n");
-        let (ok, sent) = auth_against("bus:s3cret", b"+OK\r\n").await;
+        let (ok, sent) = auth_against("bus:s3cret", b"+OK\r\n+PONG\r\n").await;
         assert!(ok.is_ok(), "{ok:?}");
         assert_eq!(sent, b"*3\r\n$4\r\nAUTH\r\n$3\r\nbus\r\n$6\r\ns3cret\r\n");
         let (refused, _) = auth_against(":wrong", b"-WRONGPASS invalid username-password pair\r\n").await;
         let e = refused.unwrap_err();
         assert!(e.to_string().contains("AUTH refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_the_client_fails_the_connect() {
+        let (info, server, _) = fake_redis(b"-ERR max number of clients reached\r\n".to_vec()).await;
+        let e = connect(&info).await.map(drop).unwrap_err();
+        assert!(e.to_string().contains("max number of clients"), "{e}");
+        server.await.unwrap();
     }
 
     #[test]

@@ -10,15 +10,19 @@
 //! confirmations of subscription changes, and the supervisor answers a
 //! barrier once the count covers every change made before it.
 //!
-//! The supervisor never waits on the reader or the shard: it keeps taking
-//! the shard's requests while confirmations are outstanding. So shard →
-//! supervisor, supervisor → reader (confirmations) and reader → shard
-//! cannot wait on each other in a circle, however full each queue is.
+//! The supervisor waits only on Redis (its writes and connects), never on
+//! the reader or the shard: it keeps taking the shard's requests while
+//! confirmations are outstanding. So shard → supervisor, supervisor →
+//! reader (confirmations) and reader → shard cannot wait on each other in a
+//! circle, however full each queue is. A confirmation does queue behind the
+//! publications the shard has not taken yet, so an overloaded shard also
+//! slows the handshakes that wait for it.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::resp::{self, Commands, Push, Pushes};
@@ -76,16 +80,20 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Supervisor {
+    /// Connects, and after a failed connect or a lost connection waits
+    /// before the next attempt: 50 ms, doubling to 2 s, back to 50 ms once a
+    /// connection confirms a subscription (a server that accepts the
+    /// connection but refuses SUBSCRIBE is not retried in a tight loop).
     async fn run(mut self, mut interest: mpsc::Receiver<Interest>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
+        let mut retry_at = Instant::now();
         loop {
-            if self.live.is_none() {
-                match self.connect().await {
-                    Ok(()) => backoff = BACKOFF_MIN,
-                    Err(e) => {
-                        tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
-                        self.fail_waiting();
-                    }
+            if self.live.is_none() && Instant::now() >= retry_at {
+                if let Err(e) = self.connect().await {
+                    tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
+                    self.fail_waiting();
+                    retry_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
             tokio::select! {
@@ -94,16 +102,22 @@ impl Supervisor {
                     None => return,
                 },
                 event = next_event(&mut self.live) => match event {
-                    Event::Confirmed => self.answer_confirmed(),
+                    Event::Confirmed => {
+                        backoff = BACKOFF_MIN;
+                        self.answer_confirmed();
+                    }
                     Event::Gone => {
                         tracing::warn!(shard = self.shard, "bus subscriber lost redis; reconnecting");
                         metrics::counter!("gateway_bus_reconnects_total").increment(1);
                         self.disconnect();
+                        // Sessions waiting at their handshake get 503 now
+                        // rather than wait for Redis to come back.
+                        self.fail_waiting();
+                        retry_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 },
-                _ = tokio::time::sleep(backoff), if self.live.is_none() => {
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
+                _ = tokio::time::sleep_until(retry_at), if self.live.is_none() => {}
                 _ = shutdown.cancelled() => return,
             }
         }
