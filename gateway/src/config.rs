@@ -162,11 +162,13 @@ impl Config {
                 |n| *n >= 1,
                 "at least 1",
             )?,
+            // A chat message, not a file: the bus refuses publications over
+            // 16 MiB (bus::resp), so a body stays far below that.
             max_body_bytes: check(
                 "CHAT_MAX_BODY_BYTES",
                 or(src, "CHAT_MAX_BODY_BYTES", 4096usize)?,
-                |n| *n >= 1,
-                "at least 1",
+                |n| (1..=1_048_576).contains(n),
+                "1..=1048576 (1 MiB)",
             )?,
             max_frame_bytes: check(
                 "GATEWAY_MAX_FRAME_BYTES",
@@ -313,6 +315,7 @@ mod tests {
         for (name, value) in [
             ("GATEWAY_SHARDS", "0"),
             ("GATEWAY_WORKER_THREADS", "0"),
+            ("CHAT_MAX_BODY_BYTES", "2000000"),
             ("CHAT_DEV_LOGIN", "yes"),
         ] {
             let err = Config::from_source(&env(&[("CHAT_JWT_SECRET", "0123456789abcdef"), (name, value)]))

@@ -24,7 +24,8 @@ type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
 type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// The largest publication accepted; a bigger one is a protocol error (the
-/// accept script publishes bodies of at most `CHAT_MAX_BODY_BYTES`).
+/// accept script publishes bodies of at most `CHAT_MAX_BODY_BYTES`, which
+/// is at most 1 MiB).
 const MAX_BULK: usize = 16 * 1024 * 1024;
 /// Read buffer of a subscriber connection.
 const READ_BUFFER: usize = 64 * 1024;
