@@ -10,9 +10,10 @@
 //! `client-output-buffer-limit pubsub` (the supervisor then reconnects, and
 //! clients catch up from history, as after any bus outage).
 //!
-//! It speaks the little of RESP2 that pub/sub needs: `AUTH`, `SUBSCRIBE`,
-//! `UNSUBSCRIBE` out; simple strings, errors, integers, bulk strings and
-//! flat arrays in. It owns the socket; it knows nothing of envelopes or shards.
+//! It speaks the little of RESP2 that pub/sub needs: `AUTH`, `PING`,
+//! `SUBSCRIBE`, `UNSUBSCRIBE` out (packed by redis-rs's `Cmd`); simple
+//! strings, errors, integers, bulk strings and flat arrays in. It owns the
+//! socket; it knows nothing of envelopes or shards.
 
 use std::io;
 
@@ -76,12 +77,11 @@ pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
         read: BufReader::with_capacity(READ_BUFFER, read),
     };
     if let Some(password) = &info.redis.password {
-        let mut auth: Vec<&[u8]> = vec![b"AUTH"];
+        let mut auth = redis::cmd("AUTH");
         if let Some(user) = &info.redis.username {
-            auth.push(user.as_bytes());
+            auth.arg(user);
         }
-        auth.push(password.as_bytes());
-        commands.send(&auth).await?;
+        commands.send(auth.arg(password)).await?;
         match pushes.read_value().await? {
             Value::Simple => {}
             Value::Error(e) => return Err(protocol(format!("AUTH refused: {e}"))),
@@ -90,7 +90,7 @@ pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
     }
     // A server that refuses this client (too many clients, protected mode,
     // a password it wants) says so here, not after the connection counts as up.
-    commands.send(&[b"PING"]).await?;
+    commands.send(&redis::cmd("PING")).await?;
     match pushes.read_value().await? {
         Value::Simple => Ok((commands, pushes)),
         Value::Error(e) => Err(protocol(format!("redis refused the connection: {e}"))),
@@ -113,14 +113,12 @@ impl Commands {
         if channels.is_empty() {
             return Ok(());
         }
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(channels.len() + 1);
-        parts.push(command.as_bytes());
-        parts.extend(channels.iter().map(|c| c.as_bytes()));
-        self.send(&parts).await
+        self.send(&change_command(command, channels)).await
     }
 
-    async fn send(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        self.write.write_all(&encode(parts)).await
+    /// Writes `cmd` as redis-rs packs it (a RESP array of bulk strings).
+    async fn send(&mut self, cmd: &redis::Cmd) -> io::Result<()> {
+        self.write.write_all(&cmd.get_packed_command()).await
     }
 }
 
@@ -137,23 +135,20 @@ impl Pushes {
 
     async fn read_value(&mut self) -> io::Result<Value> {
         let line = self.read_line().await?;
-        let (kind, rest) = line.split_first().ok_or_else(|| protocol("empty line".into()))?;
-        match kind {
-            b'*' => {
-                let n = number(rest)?;
-                // Pub/sub pushes have three items (four for pattern messages).
-                if !(0..=8).contains(&n) {
-                    return Err(protocol(format!("array of {n} items on the bus")));
-                }
-                let mut items = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    let line = self.read_line().await?;
-                    items.push(self.scalar(&line).await?);
-                }
-                Ok(Value::Array(items))
-            }
-            _ => self.scalar(&line).await,
+        let Some(count) = line.strip_prefix(b"*") else {
+            return self.scalar(&line).await;
+        };
+        let n = number(count)?;
+        // Pub/sub pushes have three items (four for pattern messages).
+        if !(0..=8).contains(&n) {
+            return Err(protocol(format!("array of {n} items on the bus")));
         }
+        let mut items = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let line = self.read_line().await?;
+            items.push(self.scalar(&line).await?);
+        }
+        Ok(Value::Array(items))
     }
 
     /// A value that is not an array, whose first line is `line`.
@@ -232,16 +227,11 @@ fn to_push(items: Vec<Value>) -> io::Result<Push> {
     }
 }
 
-/// A command as a RESP array of bulk strings.
-fn encode(parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + parts.iter().map(|p| p.len() + 16).sum::<usize>());
-    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
-    for part in parts {
-        out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
-        out.extend_from_slice(part);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+/// One command for all of `channels`: Redis confirms each channel in turn.
+fn change_command(command: &str, channels: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd(command);
+    cmd.arg(channels);
+    cmd
 }
 
 fn number(digits: &[u8]) -> io::Result<i64> {
@@ -331,7 +321,7 @@ mod tests {
     #[test]
     fn commands_are_arrays_of_bulk_strings() {
         assert_eq!(
-            encode(&[b"SUBSCRIBE", b"u:1", b"c:2"]),
+            change_command("SUBSCRIBE", &["u:1", "c:2"]).get_packed_command(),
             b"*3\r\n$9\r\nSUBSCRIBE\r\n$3\r\nu:1\r\n$3\r\nc:2\r\n"
         );
     }

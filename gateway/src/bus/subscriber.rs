@@ -63,13 +63,33 @@ struct Supervisor {
 }
 
 /// The current connection: its writing half, its reader task, and how many
-/// channel changes were sent on it and confirmed so far.
+/// channel changes were sent on it and confirmed so far (the count closes
+/// when the reader ends, i.e. when the connection is gone).
 struct Live {
     commands: Commands,
     sent: u64,
     confirmed: watch::Receiver<u64>,
-    gone: oneshot::Receiver<()>,
     reader: tokio::task::AbortHandle,
+}
+
+/// When to try connecting again: 50 ms after a failure, doubling to 2 s,
+/// back to 50 ms once a connection confirms a subscription (a server that
+/// accepts the connection but refuses SUBSCRIBE is not retried in a tight
+/// loop).
+struct Retry {
+    wait: Duration,
+    at: Instant,
+}
+
+impl Retry {
+    fn failed(&mut self) {
+        self.at = Instant::now() + self.wait;
+        self.wait = (self.wait * 2).min(BACKOFF_MAX);
+    }
+
+    fn succeeded(&mut self) {
+        self.wait = BACKOFF_MIN;
+    }
 }
 
 /// Interest requests handled in one round of Redis calls.
@@ -80,44 +100,35 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Supervisor {
-    /// Connects, and after a failed connect or a lost connection waits
-    /// before the next attempt: 50 ms, doubling to 2 s, back to 50 ms once a
-    /// connection confirms a subscription (a server that accepts the
-    /// connection but refuses SUBSCRIBE is not retried in a tight loop).
     async fn run(mut self, mut interest: mpsc::Receiver<Interest>, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
-        let mut retry_at = Instant::now();
+        let mut retry = Retry {
+            wait: BACKOFF_MIN,
+            at: Instant::now(),
+        };
         loop {
-            if self.live.is_none() && Instant::now() >= retry_at {
-                if let Err(e) = self.connect().await {
-                    tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
-                    self.fail_waiting();
-                    retry_at = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
+            if self.live.is_none() && Instant::now() >= retry.at && !self.reconnect().await {
+                retry.failed();
             }
             tokio::select! {
                 cmd = interest.recv() => match cmd {
                     Some(cmd) => self.handle(cmd, &mut interest).await,
                     None => return,
                 },
-                event = next_event(&mut self.live) => match event {
-                    Event::Confirmed => {
-                        backoff = BACKOFF_MIN;
+                confirmed = next_confirmation(&mut self.live) => {
+                    if confirmed {
+                        retry.succeeded();
                         self.answer_confirmed();
-                    }
-                    Event::Gone => {
+                    } else {
                         tracing::warn!(shard = self.shard, "bus subscriber lost redis; reconnecting");
                         metrics::counter!("gateway_bus_reconnects_total").increment(1);
                         self.disconnect();
                         // Sessions waiting at their handshake get 503 now
                         // rather than wait for Redis to come back.
                         self.fail_waiting();
-                        retry_at = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        retry.failed();
                     }
-                },
-                _ = tokio::time::sleep_until(retry_at), if self.live.is_none() => {}
+                }
+                _ = tokio::time::sleep_until(retry.at), if self.live.is_none() => {}
                 _ = shutdown.cancelled() => return,
             }
         }
@@ -172,22 +183,23 @@ impl Supervisor {
         if barriers.is_empty() {
             return;
         }
-        if self.live.is_none() {
-            // Subscribes everything wanted, this batch included.
-            if let Err(e) = self.connect().await {
-                tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
-            }
+        let target = self.live.as_ref().map_or(0, |live| live.sent);
+        self.waiting.extend(barriers.into_iter().map(|ready| (target, ready)));
+        // Without a connection, one that subscribes everything wanted (this
+        // batch included) re-targets the barriers; failing, it answers them.
+        if self.live.is_some() || self.reconnect().await {
+            self.answer_confirmed();
         }
-        match &self.live {
-            Some(live) => {
-                let target = live.sent;
-                self.waiting.extend(barriers.into_iter().map(|ready| (target, ready)));
-                self.answer_confirmed();
-            }
-            None => {
-                for ready in barriers {
-                    let _ = ready.send(Err(BusDown));
-                }
+    }
+
+    /// `connect`, answering the waiting barriers with `BusDown` if it fails.
+    async fn reconnect(&mut self) -> bool {
+        match self.connect().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
+                self.fail_waiting();
+                false
             }
         }
     }
@@ -222,7 +234,6 @@ impl Supervisor {
         }
         let sent = channels.len() as u64;
         let (confirmed_tx, confirmed) = watch::channel(0);
-        let (gone_tx, gone) = oneshot::channel();
         let reader = Reader {
             pushes,
             shard: self.shard,
@@ -230,7 +241,7 @@ impl Supervisor {
             origin: self.origin.clone(),
             confirmed: confirmed_tx,
         };
-        let task = tokio::spawn(reader.run(gone_tx));
+        let task = tokio::spawn(reader.run());
         for (target, _) in &mut self.waiting {
             *target = sent;
         }
@@ -238,7 +249,6 @@ impl Supervisor {
             commands,
             sent,
             confirmed,
-            gone,
             reader: task.abort_handle(),
         });
         Ok(())
@@ -254,29 +264,17 @@ impl Supervisor {
     }
 }
 
-enum Event {
-    /// The connection confirmed more channel changes.
-    Confirmed,
-    /// The connection ended.
-    Gone,
-}
-
-/// The current connection's next event; never, without one.
-async fn next_event(live: &mut Option<Live>) -> Event {
-    let Some(live) = live else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        changed = live.confirmed.changed() => match changed {
-            Ok(()) => Event::Confirmed,
-            // The reader ended: the connection is gone.
-            Err(_) => Event::Gone,
-        },
-        _ = &mut live.gone => Event::Gone,
+/// True when the current connection confirms more channel changes, false
+/// when it is gone (its reader ended); never, without a connection.
+async fn next_confirmation(live: &mut Option<Live>) -> bool {
+    match live {
+        Some(live) => live.confirmed.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
-/// The reading half's task.
+/// The reading half's task; its end (dropping `confirmed`) tells the
+/// supervisor the connection is gone.
 struct Reader {
     pushes: Pushes,
     shard: usize,
@@ -286,7 +284,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(mut self, gone: oneshot::Sender<()>) {
+    async fn run(mut self) {
         loop {
             match self.pushes.next().await {
                 Ok(Push::Message { channel, payload }) => match super::decode(&channel, &payload, &self.origin) {
@@ -301,10 +299,9 @@ impl Reader {
                     if e.kind() != std::io::ErrorKind::UnexpectedEof {
                         tracing::warn!(shard = self.shard, error = %e, "bus connection failed");
                     }
-                    break;
+                    return;
                 }
             }
         }
-        let _ = gone.send(());
     }
 }
