@@ -91,6 +91,9 @@ pub struct Config {
     pub drain_close_rate: f64,
     /// `LOG_FORMAT`: `text` or `json`.
     pub log_json: bool,
+    /// `RUST_LOG`: which log events are written, as tracing's `EnvFilter`
+    /// directives (`info`, `warn,gateway=debug`, …).
+    pub log_filter: String,
 }
 
 impl Config {
@@ -110,6 +113,14 @@ impl Config {
         }
         let log_format: String = or(src, "LOG_FORMAT", "text".to_string())?;
         let log_format = check("LOG_FORMAT", log_format, |f| f == "text" || f == "json", "text or json")?;
+        let log_filter: String = or(src, "RUST_LOG", "info".to_string())?;
+        if let Err(e) = crate::telemetry::parse_filter(&log_filter) {
+            return Err(ConfigError::Invalid {
+                name: "RUST_LOG",
+                value: log_filter,
+                reason: e.to_string(),
+            });
+        }
         Ok(Config {
             listen: or(src, "GATEWAY_LISTEN", "0.0.0.0:8080".parse().expect("valid literal"))?,
             web_dir: or(src, "GATEWAY_WEB_DIR", crate::web::default_web_dir().to_path_buf())?,
@@ -258,6 +269,7 @@ impl Config {
                 "0 (all at once) or more",
             )?,
             log_json: log_format == "json",
+            log_filter,
         })
     }
 }
@@ -308,6 +320,7 @@ mod tests {
         assert!(c.web_dir.ends_with("web/public"));
         assert!(c.shards >= 1);
         assert!(c.worker_threads >= 1);
+        assert_eq!(c.log_filter, "info");
     }
 
     #[test]
@@ -317,6 +330,7 @@ mod tests {
             ("GATEWAY_WORKER_THREADS", "0"),
             ("CHAT_MAX_BODY_BYTES", "2000000"),
             ("CHAT_DEV_LOGIN", "yes"),
+            ("RUST_LOG", "gateway=loud"),
         ] {
             let err = Config::from_source(&env(&[("CHAT_JWT_SECRET", "0123456789abcdef"), (name, value)]))
                 .unwrap_err()

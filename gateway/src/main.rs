@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    telemetry::init(config.log_json, &config.node_id);
+    telemetry::init(&config.log_filter, config.log_json, &config.node_id).context("RUST_LOG")?;
     let app = App::build(config).await.context("start")?;
     let addr = app.local_addr().context("local address")?;
     // Tests and scripts read this line to learn the port.
