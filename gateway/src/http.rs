@@ -289,6 +289,11 @@ async fn create_chat(svc: Arc<Services>, who: Identity, body: serde_json::Value)
             "title must be 1 to {MAX_TITLE_CHARS} characters"
         )));
     }
+    if !shared::protocol::storable(&title) {
+        return Err(ApiError::bad_request(
+            "title contains the NUL character (U+0000), which cannot be stored",
+        ));
+    }
     let visibility = Visibility::parse(&new.visibility)
         .ok_or_else(|| ApiError::bad_request("visibility must be \"public\" or \"private\""))?;
     if new.members.len() > MAX_INITIAL_MEMBERS {

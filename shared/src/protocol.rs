@@ -83,6 +83,14 @@ impl Target {
     }
 }
 
+/// Whether `text` can be stored: PostgreSQL's `text` type refuses the NUL
+/// character (U+0000), which JSON and MessagePack strings may carry. A
+/// message or title holding one would be acked and then refused by every
+/// write of the persister, so the gateway refuses it up front.
+pub fn storable(text: &str) -> bool {
+    !text.contains('\0')
+}
+
 /// A stored or live message, with the fields of the contract's `message` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

@@ -181,6 +181,44 @@ async fn a_body_over_4096_bytes_gets_too_large_and_one_at_the_limit_is_accepted(
 }
 
 #[tokio::test]
+async fn text_with_a_nul_character_is_refused_because_postgresql_could_never_store_it() {
+    let stack = Stack::start(one_gateway()).await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut client = stack.connect(0, alice).await;
+    let mut bob_0 = stack.connect(0, bob).await;
+
+    let nul = json!({ "type": "send", "to": bob.to_string(), "body": "a\u{0}b", "ref": "nul" });
+    refused(
+        &mut client,
+        "a NUL in a body",
+        &nul.to_string(),
+        "bad_request",
+        Some("nul"),
+    )
+    .await;
+    let ack = client
+        .request(json!({ "type": "send", "to": bob.to_string(), "body": "a b" }))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // Only the storable one was accepted and reached Bob.
+    let got = bob_0.next_event(DEFAULT_TIMEOUT).await;
+    assert_eq!((&got["type"], &got["id"]), (&json!("message"), &ack["id"]), "{got}");
+
+    let token = stack.token(alice);
+    let (status, body) = stack
+        .http(0)
+        .request(
+            reqwest::Method::POST,
+            "/v1/chats",
+            Some(&token),
+            Some(json!({ "title": "a\u{0}b", "visibility": "public" })),
+        )
+        .await;
+    assert_eq!(status, 400, "a NUL in a chat's title: {body}");
+    assert_eq!(body["code"], "bad_request", "{body}");
+}
+
+#[tokio::test]
 async fn a_frame_over_the_frame_limit_closes_the_connection_with_1009() {
     let stack = Stack::start(one_gateway()).await;
     let user = harness::user();
