@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use redis::Script;
-use shared::ids::UserId;
+use shared::ids::{private_chat_id, UserId};
 use shared::protocol::Target;
 
 use crate::chats::ChatError;
@@ -39,7 +39,12 @@ impl Typing {
 
     pub async fn relay(&self, from: UserId, target: Target, origin: &str) -> Result<Relayed, ChatError> {
         let (to, chat, key) = match target {
-            Target::User(to) => (to.to_string(), String::new(), format!("typing:{from}:u:{to}")),
+            // Keyed by the private chat, as when addressed by its id.
+            Target::User(to) => (
+                to.to_string(),
+                String::new(),
+                format!("typing:{from}:c:{}", private_chat_id(from, to)),
+            ),
             Target::Chat(chat) => (String::new(), chat.to_string(), format!("typing:{from}:c:{chat}")),
         };
         let mut inv = self.script.prepare_invoke();

@@ -103,6 +103,47 @@ async fn ten_typing_events_within_a_second_reach_the_recipient_once() {
 }
 
 #[tokio::test]
+async fn typing_addressed_to_a_private_chat_by_its_id_reaches_the_other_side_as_private_typing() {
+    let stack = Stack::start(two_gateways()).await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_0 = stack.connect(0, alice).await;
+    let mut bob_1 = stack.connect(1, bob).await;
+    // The first message brings the private chat into being.
+    let first = alice_0
+        .request(json!({ "type": "send", "to": bob.to_string(), "body": "hello" }))
+        .await;
+    assert_eq!(first["type"], "ack", "{first}");
+    let hello = bob_1.expect("message", DEFAULT_TIMEOUT).await;
+    assert_eq!(hello["id"], first["id"], "{hello}");
+    let dm = first["chat"].clone();
+
+    let started = Instant::now();
+    let marker = || json!({ "type": "send", "to": bob.to_string(), "body": "marker" });
+    let (took_by_id, by_id) = burst(&mut alice_0, json!({ "chat": dm }), marker()).await;
+    // The same conversation addressed by user: one limit for both.
+    let (_, by_user) = burst(&mut alice_0, json!({ "to": bob.to_string() }), marker()).await;
+    let took = started.elapsed();
+    let mut typing = typing_before(&mut bob_1, &by_id).await;
+    assert!(
+        (1..=allowed(took_by_id)).contains(&typing.len()),
+        "{} typing events from a burst of {BURST} by chat id in {took_by_id:?}: {typing:?}",
+        typing.len()
+    );
+    typing.extend(typing_before(&mut bob_1, &by_user).await);
+    assert!(
+        typing.len() <= allowed(took),
+        "{} typing events from two bursts of {BURST} in {took:?}: {typing:?}",
+        typing.len()
+    );
+    for event in &typing {
+        assert_eq!(event["from"], json!(alice.to_string()), "{event}");
+        assert_eq!(event["to"], json!(bob.to_string()), "{event}");
+        assert!(!event["chat"].is_string(), "private typing has no chat: {event}");
+    }
+    alice_0.expect_none("error", Duration::ZERO).await;
+}
+
+#[tokio::test]
 async fn typing_in_a_group_reaches_the_other_members_once_with_the_chat() {
     let stack = Stack::start(two_gateways()).await;
     let (alice, bob, carol) = (harness::user(), harness::user(), harness::user());
