@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use shared::ids::{new_id, ChatId};
-use shared::protocol::{ClientEvent, ClientFrame, ErrorCode, ServerEvent, Target};
+use shared::protocol::{storable, ClientEvent, ClientFrame, ErrorCode, ServerEvent, Target};
 
 use super::session::{expiry_instant, Session};
 use crate::chats::Change;
@@ -56,6 +56,9 @@ impl Session {
                 ErrorCode::TooLarge,
                 format!("body is {} bytes; the limit is {limit}", body.len()),
             ));
+        }
+        if !storable(&body) {
+            return Err((ErrorCode::BadRequest, NUL.to_string()));
         }
         let started = Instant::now();
         let id = id.unwrap_or_else(new_id);
@@ -109,14 +112,14 @@ impl Session {
             .map_err(|e| (e.code(), e.to_string()))?;
         // Receive the chat before joining it, so no message published after
         // the join is missed by this connection.
-        let newly_attached = !self.chats.contains(&chat);
-        if newly_attached {
-            self.svc
-                .hub
-                .attach_chat(chat, self.conn.clone())
-                .await
-                .map_err(|_| (ErrorCode::Unavailable, "cluster bus unavailable".to_string()))?;
-            self.chats.insert(chat);
+        // Tracked before the attachment is awaited: a shard keeps the
+        // connection even when the subscription fails, and the session
+        // detaches only tracked chats.
+        let newly_attached = self.chats.insert(chat);
+        if newly_attached && self.svc.hub.attach_chat(chat, self.conn.clone()).await.is_err() {
+            self.chats.remove(&chat);
+            self.svc.hub.detach_chat(chat, self.conn.id).await;
+            return Err((ErrorCode::Unavailable, "cluster bus unavailable".to_string()));
         }
         match self
             .svc
@@ -186,3 +189,4 @@ impl Session {
 type Reply = Result<Option<ServerEvent>, (ErrorCode, String)>;
 
 const EXACTLY_ONE: &str = "give exactly one of `to` (a user id) and `chat` (a chat id)";
+const NUL: &str = "body contains the NUL character (U+0000), which cannot be stored";

@@ -49,21 +49,30 @@ pub async fn open(svc: Arc<Services>, identity: Identity) -> Result<Session, Ope
     let (tx, rx) = mpsc::channel(svc.config.outbound_queue);
     let encoding = Arc::new(AtomicU8::new(encode_encoding(Encoding::Json)));
     let conn = Conn::new(id, identity.user, tx, encoding.clone(), CancellationToken::new());
-    let groups = svc
-        .chats
-        .groups_of(identity.user)
-        .await
-        .map_err(|_| OpenError::Unavailable)?;
-    // From here on the session's Drop undoes the registrations.
+    // From here on the session's Drop undoes the registrations, also when
+    // the handshake is abandoned half-way.
     let mut session = Session::new(svc.clone(), identity, conn.clone(), rx, encoding, slot);
+    // The user's channel first: a `joined` or `left` published from now on
+    // is queued for this connection, so the list of groups read next cannot
+    // miss a change made while the connection opens.
     svc.hub
         .attach_user(conn.clone())
         .await
         .map_err(|_| OpenError::Unavailable)?;
+    let groups = svc
+        .chats
+        .groups_of(session.identity.user)
+        .await
+        .map_err(|_| OpenError::Unavailable)?;
+    // Tracked before the attachments are awaited: a shard keeps a connection
+    // even when its subscription then fails, and only a tracked chat is
+    // detached when the session ends.
+    for chat in &groups {
+        session.track_chat(*chat);
+    }
     let attached = join_all(groups.iter().map(|chat| svc.hub.attach_chat(*chat, conn.clone()))).await;
-    for (chat, result) in groups.into_iter().zip(attached) {
-        session.track_chat(chat);
-        result.map_err(|_| OpenError::Unavailable)?;
+    if attached.iter().any(Result::is_err) {
+        return Err(OpenError::Unavailable);
     }
     Ok(session)
 }
