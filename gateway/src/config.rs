@@ -79,8 +79,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// `GATEWAY_PING_INTERVAL_SECS`: the server pings an idle connection this often.
     pub ping_interval: Duration,
-    /// `GATEWAY_PING_TIMEOUT_SECS`: a connection silent this long after a
-    /// ping is dropped.
+    /// `GATEWAY_PING_TIMEOUT_SECS`: checked at each ping, a connection that
+    /// has been silent longer than interval + timeout is dropped (so at most
+    /// 2 × interval + timeout after the last thing it sent).
     pub ping_timeout: Duration,
     /// `GATEWAY_HANDSHAKE_TIMEOUT_SECS`: time to send a request's headers.
     pub handshake_timeout: Duration,
