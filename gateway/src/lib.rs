@@ -180,7 +180,7 @@ impl App {
     }
 
     /// Serves until `stop` resolves, then drains: `/readyz` turns 503, new
-    /// connections are refused, sessions close with 1001 at the paced rate
+    /// WebSocket handshakes get 503, sessions close with 1001 at the paced rate
     /// (each keeps working until its turn, then answers what it has received),
     /// and the server stops within the grace period.
     pub async fn run(self, stop: impl std::future::Future<Output = ()> + Send + 'static) {
