@@ -37,6 +37,11 @@ pub enum Outbound {
     Joined(ChatId),
     /// The connection's user left `chat`: stop receiving it.
     Left(ChatId),
+    /// The chat's own channel said the user left, and the shard no longer
+    /// sends the chat to this connection. The session checks the user's
+    /// membership: a later join, arriving first on the user's channel, may
+    /// have overtaken that leave.
+    Detached(ChatId),
 }
 
 /// A local connection, as the hub sees it.

@@ -134,6 +134,9 @@ impl Shard {
                 // published after it reaches the user's connections.
                 if let ServerEvent::Left { user, .. } = &event {
                     let user = *user;
+                    for conn in self.chats.get(&chat).into_iter().flatten().filter(|c| c.user == user) {
+                        conn.push(Outbound::Detached(chat));
+                    }
                     if detach(&mut self.chats, chat, |c| c.user == user) {
                         self.unsubscribe(Channel::Chat(chat)).await;
                     }

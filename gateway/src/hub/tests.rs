@@ -142,6 +142,12 @@ async fn a_leave_on_the_chat_channel_stops_later_messages_to_that_user() {
     let msg: serde_json::Value = serde_json::from_slice(&next_frame(&mut a).await.into_message().into_data()).unwrap();
     assert_eq!(msg["seq"], 2);
     settle(&hub, chat).await;
+    // Told it is detached (its session re-checks the membership), and
+    // nothing more of the chat.
+    match b.rx.try_recv() {
+        Ok(Outbound::Detached(c)) => assert_eq!(c, chat),
+        other => panic!("expected Detached, got {other:?}"),
+    }
     assert!(
         nothing_queued(&mut b),
         "a user who left receives nothing more of the chat"

@@ -10,7 +10,7 @@ use shared::ids::{new_id, ChatId};
 use shared::protocol::{storable, ClientEvent, ClientFrame, ErrorCode, ServerEvent, Target};
 
 use super::session::{expiry_instant, Session};
-use crate::chats::Change;
+use crate::chats::{Change, ChatError};
 
 impl Session {
     pub(super) async fn handle(&mut self, frame: ClientFrame) -> Option<ServerEvent> {
@@ -182,6 +182,24 @@ impl Session {
     pub(super) async fn left_elsewhere(&mut self, chat: ChatId) {
         if self.chats.remove(&chat) {
             self.svc.hub.detach_chat(chat, self.conn.id).await;
+        }
+    }
+
+    /// The chat's channel carried a leave of this user, and its shard no
+    /// longer sends the chat here. The user's and the chat's channels arrive
+    /// over different connections, so a leave followed at once by a join
+    /// can reach the shard after the join re-attached this connection: a
+    /// user who is a member again is attached again.
+    pub(super) async fn detached(&mut self, chat: ChatId) {
+        if !self.chats.remove(&chat) {
+            return;
+        }
+        match self.svc.chats.check_access(chat, self.identity.user).await {
+            Ok(()) => self.joined_elsewhere(chat).await,
+            Err(ChatError::Forbidden | ChatError::NotFound) => {}
+            Err(e) => {
+                tracing::warn!(%chat, error = %e, "could not check a membership after a leave; not receiving the chat")
+            }
         }
     }
 }

@@ -299,6 +299,7 @@ impl Session {
                 }
                 Outbound::Joined(chat) => self.joined_elsewhere(chat).await,
                 Outbound::Left(chat) => self.left_elsewhere(chat).await,
+                Outbound::Detached(chat) => self.detached(chat).await,
             }
             if written < WRITE_BATCH {
                 next = self.rx.try_recv().ok();
