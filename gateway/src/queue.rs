@@ -108,11 +108,14 @@ impl Queue {
             ts,
         }
         .encode();
+        // A send by chat id may turn out to be to a private chat, whose
+        // recipient only the script learns: it puts it into the entry.
+        let slot = RecipientSlot::get();
         let mut call = ScriptCall::new();
         call.key(format!("msg:{id}"))
             .key(format!("chat:{chat}:meta"))
             .key(format!("chat:{chat}:members"))
-            .key(format!("chat:{chat}:seq"))
+            .key(seq_key(chat))
             .key(STREAM)
             .key(format!("user:{from}:dms"))
             .key(format!("user:{}:dms", to.unwrap_or(from)))
@@ -130,10 +133,99 @@ impl Queue {
             .arg(ts)
             .arg(entry)
             .arg(self.settings.cache_size)
-            .arg(self.settings.cache_ttl_secs);
+            .arg(self.settings.cache_ttl_secs)
+            .arg(slot.map(|s| s.bytes.as_slice()).unwrap_or_default())
+            .arg(slot.map(|s| s.at).unwrap_or_default());
         let reply: Vec<String> = self.script.call(&self.redis, &call).await?;
         parse_reply(id, &reply)
     }
+}
+
+/// Where the recipient goes in a cache entry written without one, so the
+/// accept script can complete the entry of a private message sent by chat
+/// id to exactly the bytes `CachedMessage::encode` gives with `to` set (the
+/// same message must be one set member, whoever writes it).
+///
+/// The fields before `to` (`v` and three ids, each id a 16-byte binary) have
+/// the same length in every entry of this format version, so the place is
+/// found once, by encoding a probe message with and without `to`, and
+/// checked by rebuilding the probe. If that check ever failed (another
+/// encoding), the script gets no slot and drops the chat's cache instead,
+/// as a node without a cache does.
+#[derive(Debug, PartialEq, Eq)]
+struct RecipientSlot {
+    /// The map header of an entry with `to`, then the bytes that precede
+    /// the recipient's 16 bytes (the key `to` and the binary's header).
+    bytes: Vec<u8>,
+    /// The 1-based position in the entry without `to` where they go (Lua
+    /// indexes strings from 1).
+    at: usize,
+}
+
+impl RecipientSlot {
+    fn get() -> Option<&'static RecipientSlot> {
+        static SLOT: std::sync::LazyLock<Option<RecipientSlot>> = std::sync::LazyLock::new(|| {
+            let probe = CachedMessage {
+                v: VERSION,
+                id: uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+                chat: uuid::Uuid::from_u128(0x1111_2222_3333_4444_5555_6666_7777_8888),
+                from: uuid::Uuid::from_u128(0x9999_aaaa_bbbb_cccc_dddd_eeee_ffff_0000),
+                to: None,
+                body: "probe".into(),
+                ts: 1_700_000_000_000,
+            };
+            let to = uuid::Uuid::from_u128(0xfedc_ba98_7654_3210_fedc_ba98_7654_3210);
+            RecipientSlot::find(&probe, to)
+        });
+        SLOT.as_ref()
+    }
+
+    /// The slot, found from `message` (without `to`) and a recipient.
+    fn find(message: &CachedMessage, to: UserId) -> Option<RecipientSlot> {
+        let without = message.encode();
+        let with = CachedMessage {
+            to: Some(to),
+            ..message.clone()
+        }
+        .encode();
+        // What follows the recipient is what follows `from` without one:
+        // the longest common tail, since the last byte of the recipient
+        // differs from the last byte of `from`'s in the probe.
+        let tail = without
+            .iter()
+            .rev()
+            .zip(with.iter().rev())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let at = without.len().checked_sub(tail)?;
+        let before_id = with.len().checked_sub(tail + 16)?;
+        if at < 1 || before_id < at || with.get(before_id..before_id + 16)? != to.as_bytes() {
+            return None;
+        }
+        let mut bytes = vec![with[0]];
+        bytes.extend_from_slice(&with[at..before_id]);
+        let slot = RecipientSlot { bytes, at: at + 1 };
+        (slot.put(&without, to) == with).then_some(slot)
+    }
+
+    /// What the script does: `entry` (without `to`) with `to` put in.
+    fn put(&self, entry: &[u8], to: UserId) -> Vec<u8> {
+        let at = self.at - 1;
+        let mut out = Vec::with_capacity(entry.len() + self.bytes.len() + 16);
+        out.push(self.bytes[0]);
+        out.extend_from_slice(&entry[1..at]);
+        out.extend_from_slice(&self.bytes[1..]);
+        out.extend_from_slice(to.as_bytes());
+        out.extend_from_slice(&entry[at..]);
+        out
+    }
+}
+
+/// The chat's seq counter: a hash of `n` (the last seq), `rid` (the Redis
+/// run that last advanced it) and, after a restart's jump, `p` (the counter
+/// before the jump) and `j` (the first seq after it).
+pub fn seq_key(chat: ChatId) -> String {
+    format!("chat:{chat}:seq")
 }
 
 fn now_ms() -> i64 {
@@ -168,6 +260,36 @@ fn parse_reply(id: MessageId, reply: &[String]) -> Result<Accepted, AcceptError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recipient_put_into_a_cache_entry_gives_the_entry_encoded_with_it() {
+        let slot = RecipientSlot::get().expect("the recipient's place in a cache entry");
+        for (body, ts) in [("", 0), ("hé", -1), (&"x".repeat(70_000)[..], i64::MAX)] {
+            for id in [uuid::Uuid::nil(), uuid::Uuid::max(), uuid::Uuid::now_v7()] {
+                let message = CachedMessage {
+                    v: VERSION,
+                    id,
+                    chat: uuid::Uuid::now_v7(),
+                    from: id,
+                    to: None,
+                    body: body.into(),
+                    ts,
+                };
+                let to = uuid::Uuid::new_v4();
+                let expected = CachedMessage {
+                    to: Some(to),
+                    ..message.clone()
+                }
+                .encode();
+                assert_eq!(
+                    slot.put(&message.encode(), to),
+                    expected,
+                    "body of {} bytes",
+                    body.len()
+                );
+            }
+        }
+    }
 
     #[test]
     fn script_replies_map_to_outcomes() {

@@ -6,7 +6,8 @@
 //! from which seq on the set holds every message of the chat (0: from the
 //! first). Both expire after `CHAT_CACHE_TTL_SECS` without writes or reads.
 //! This module reads windows from it, proving from the floor that a window is
-//! complete, and fills it from PostgreSQL's rows. It never decides access.
+//! complete, and fills it from PostgreSQL's rows, never claiming a message
+//! still in the queue (in neither) as absent. It never decides access.
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use shared::ids::ChatId;
 use shared::protocol::Message;
 
 use super::Window;
+use crate::queue::seq_key;
 use crate::redis_pool::{RedisError, RedisPool};
 use crate::run_script::{RunScript, ScriptCall};
 
@@ -117,27 +119,26 @@ impl RecentCache {
     }
 
     /// Merges `latest`, the newest stored messages of `chat` (oldest first),
-    /// into the cache; `whole_chat` when they are all the chat has.
-    pub async fn fill(&self, chat: ChatId, latest: &[Message], whole_chat: bool) -> Result<(), RedisError> {
-        if !self.enabled() || (latest.is_empty() && !whole_chat) {
-            return Ok(());
+    /// into the cache, as far as they connect to what the cache or the
+    /// chat's counter already proves (`scripts/recent_fill.lua`): messages
+    /// still in the queue are in neither, so rows that do not reach up to
+    /// them prove nothing. Returns the floor written, `None` when the cache
+    /// was left as it was.
+    pub async fn fill(&self, chat: ChatId, latest: &[Message]) -> Result<Option<i64>, RedisError> {
+        if !self.enabled() {
+            return Ok(None);
         }
-        let floor = if whole_chat {
-            0
-        } else {
-            latest.first().map(|m| m.seq).unwrap_or(0)
-        };
         let mut call = ScriptCall::new();
         call.key(recent_key(chat))
             .key(floor_key(chat))
+            .key(seq_key(chat))
             .arg(self.size)
-            .arg(self.ttl_secs)
-            .arg(floor);
+            .arg(self.ttl_secs);
         for m in latest {
             call.arg(m.seq).arg(CachedMessage::of(m).encode());
         }
-        let _: i64 = self.fill.call(&self.redis, &call).await?;
-        Ok(())
+        let floor: i64 = self.fill.call(&self.redis, &call).await?;
+        Ok((floor >= 0).then_some(floor))
     }
 }
 

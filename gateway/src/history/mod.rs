@@ -129,25 +129,117 @@ impl History {
 
     /// Loads the chat's latest messages into the cache, once at a time per chat.
     async fn refill(&self, chat: ChatId) {
-        if self.refills.insert(chat, ()).is_some() {
-            return;
-        }
-        let size = self.cache.size as i64;
-        let window = Window {
-            after: None,
-            before: None,
-            limit: size,
-        };
-        match self.read_db(chat, window).await {
-            Ok(latest) => {
-                let whole_chat = (latest.len() as i64) < size;
-                if let Err(e) = self.cache.fill(chat, &latest, whole_chat).await {
-                    tracing::debug!(error = %e, "cache refill failed");
+        let this = self.clone();
+        refill_once(&self.refills, chat, async move {
+            let size = this.cache.size as i64;
+            let window = Window {
+                after: None,
+                before: None,
+                limit: size,
+            };
+            match this.read_db(chat, window).await {
+                Ok(latest) => {
+                    if let Err(e) = this.cache.fill(chat, &latest).await {
+                        tracing::debug!(error = %e, "cache refill failed");
+                    }
+                    metrics::counter!("gateway_cache_refills_total").increment(1);
                 }
-                metrics::counter!("gateway_cache_refills_total").increment(1);
+                Err(e) => tracing::debug!(error = %e, "cache refill read failed"),
             }
-            Err(e) => tracing::debug!(error = %e, "cache refill read failed"),
+        })
+        .await
+    }
+}
+
+/// Runs `work` unless a refill of `chat` is already running on this node.
+///
+/// The work runs in a task of its own, like `read_db`'s queries: a reader
+/// whose client goes away mid-refill drops this future, and the refill
+/// still finishes. The chat's mark is a guard the task owns, so it is
+/// removed however the task ends (done, panicked, or cancelled at shutdown);
+/// a mark left behind would keep this node from ever refilling the chat.
+async fn refill_once<F>(refills: &Arc<DashMap<ChatId, ()>>, chat: ChatId, work: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let Some(mark) = Refilling::claim(refills, chat) else {
+        return;
+    };
+    let task = tokio::spawn(async move {
+        let _mark = mark;
+        work.await;
+    });
+    if let Err(e) = task.await {
+        tracing::debug!(error = %e, "cache refill task failed");
+    }
+}
+
+/// A chat marked in `History::refills`; dropping it removes the mark.
+struct Refilling {
+    refills: Arc<DashMap<ChatId, ()>>,
+    chat: ChatId,
+}
+
+impl Refilling {
+    /// Marks `chat`, unless it is marked already.
+    fn claim(refills: &Arc<DashMap<ChatId, ()>>, chat: ChatId) -> Option<Refilling> {
+        match refills.entry(chat) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(());
+                Some(Refilling {
+                    refills: refills.clone(),
+                    chat,
+                })
+            }
         }
-        self.refills.remove(&chat);
+    }
+}
+
+impl Drop for Refilling {
+    fn drop(&mut self) {
+        self.refills.remove(&self.chat);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refill_whose_reader_went_away_does_not_keep_its_chat_marked() {
+        let refills = Arc::new(DashMap::new());
+        let chat = uuid::Uuid::now_v7();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let work = async move {
+            let _ = started_tx.send(());
+            let _ = finished.await;
+        };
+        // A reader starts a refill, which waits (on PostgreSQL, say)...
+        let mut reader = Box::pin(refill_once(&refills, chat, work));
+        tokio::select! {
+            _ = &mut reader => panic!("the refill ended before it was let go"),
+            _ = started => {}
+        }
+        // ...and its client disconnects: the handler's future is dropped.
+        drop(reader);
+        let _ = finish.send(());
+        // The refill's end gives the chat back (it may finish in a task).
+        for _ in 0..100 {
+            if refills.is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(refills.is_empty(), "the chat is still marked as being refilled");
+
+        // A later read refills the chat again.
+        let (ran_tx, ran) = tokio::sync::oneshot::channel();
+        refill_once(&refills, chat, async move {
+            let _ = ran_tx.send(());
+        })
+        .await;
+        assert!(ran.await.is_ok(), "the next refill ran");
     }
 }

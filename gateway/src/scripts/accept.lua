@@ -20,6 +20,10 @@
 --       6 idempotency ttl (s)  7 seq gap after a Redis restart  8 origin
 --       9 'dm' or 'group'  10 ts (ms)  11 the cache entry (MessagePack, without
 --       seq)  12 cache size (0: no cache)  13 cache ttl (s)
+--       14, 15 where a recipient goes into the cache entry (queue.rs,
+--       RecipientSlot): 14 the entry's map header with `to`, then the bytes
+--       before the recipient's id; 15 the 1-based position in ARGV[11]
+--       ('' when the gateway has none)
 -- Returns {'ok', chat, seq, ts, to} | {'dup', chat, seq, ts, to}
 --       | {'conflict'} | {'not_found'} | {'forbidden'}
 local id, chat, from, to, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -63,14 +67,20 @@ end
 -- lost its last writes (AOF everysec), including increments whose messages a
 -- persister already stored: jump ahead by a gap larger than any number of
 -- messages one chat can receive in the loss window, so no seq is reused.
+-- The jump is recorded (p: the counter before it, j: the first seq after
+-- it), so a cache refill knows the seqs in between hold no message still in
+-- the queue (recent_fill.lua).
 local run_id = __REDIS_RUN_ID__ -- this Redis run's id, put in at load (run_script.rs)
 local counter = redis.call('HMGET', KEYS[4], 'n', 'rid')
 local seq = tonumber(counter[1]) or 0
 if counter[1] and counter[2] ~= run_id then
-  seq = seq + tonumber(ARGV[7])
+  local before = seq
+  seq = seq + tonumber(ARGV[7]) + 1
+  redis.call('HSET', KEYS[4], 'n', seq, 'rid', run_id, 'p', before, 'j', seq)
+else
+  seq = seq + 1
+  redis.call('HSET', KEYS[4], 'n', seq, 'rid', run_id)
 end
-seq = seq + 1
-redis.call('HSET', KEYS[4], 'n', seq, 'rid', run_id)
 
 redis.call('XADD', KEYS[5], '*', 'v', '1', 'kind', 'message', 'id', id,
   'chat', chat, 'seq', seq, 'from', from, 'to', to, 'body', body, 'ts', ts)
@@ -82,13 +92,28 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 -- Redis run it was written (rid): a cache from before a restart may have lost
 -- entries a persister already stored, so it starts over.
 local size, cache_ttl = tonumber(ARGV[12]), tonumber(ARGV[13])
+local entry = ARGV[11]
+if to ~= '' and ARGV[4] == '' then
+  -- A private chat addressed by its id: the gateway wrote the entry without
+  -- a recipient; put it in (as 16 bytes), so the entry is the one any other
+  -- writer encodes for this message. No slot: drop the cache (as below).
+  if ARGV[14] ~= '' then
+    local raw = (string.gsub(to, '-', ''))
+    raw = (string.gsub(raw, '%x%x', function(h) return string.char(tonumber(h, 16)) end))
+    local at = tonumber(ARGV[15])
+    entry = string.sub(ARGV[14], 1, 1) .. string.sub(entry, 2, at - 1)
+      .. string.sub(ARGV[14], 2) .. raw .. string.sub(entry, at)
+  else
+    size = 0
+  end
+end
 if size > 0 then
   local cached_rid = redis.call('HGET', KEYS[9], 'rid')
   if cached_rid ~= run_id or redis.call('EXISTS', KEYS[8]) == 0 then
     redis.call('DEL', KEYS[8])
     redis.call('HSET', KEYS[9], 'f', (seq == 1) and 0 or seq, 'rid', run_id)
   end
-  redis.call('ZADD', KEYS[8], seq, ARGV[11])
+  redis.call('ZADD', KEYS[8], seq, entry)
   -- Trimmed every TRIM_EVERY-th seq, not on every message: the set holds
   -- up to size + TRIM_EVERY - 1 entries, and the floor moves with a trim.
   if seq % TRIM_EVERY == 0 and redis.call('ZREMRANGEBYRANK', KEYS[8], 0, -size - 1) > 0 then
@@ -97,8 +122,9 @@ if size > 0 then
   redis.call('EXPIRE', KEYS[8], cache_ttl)
   redis.call('EXPIRE', KEYS[9], cache_ttl)
 else
-  -- This node keeps no cache: drop the chat's, so that nodes which do keep
-  -- one never serve a window that lacks this message.
+  -- This node keeps no cache (or has no way to write this entry): drop the
+  -- chat's, so that nodes which do keep one never serve a window that lacks
+  -- this message.
   redis.call('DEL', KEYS[8], KEYS[9])
 end
 

@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::harness::{user, Stack, StackOptions};
+use crate::harness::{private_chat, user, Stack, StackOptions};
 
 const CACHE_SIZE: usize = 20;
 const WAIT: Duration = Duration::from_secs(30);
@@ -278,4 +278,252 @@ async fn concurrent_senders_are_in_the_same_order_in_the_cache_as_in_postgres() 
         .map(|m| m["seq"].as_i64().unwrap())
         .collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
+
+/// Drops `chat`'s cache, as a Redis restart or a send through a gateway
+/// without a cache does.
+async fn make_cold(stack: &Stack, chat: Uuid) {
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis
+        .del(&[format!("chat:{chat}:recent"), format!("chat:{chat}:recent:floor")])
+        .await
+        .unwrap();
+}
+
+/// `gateway_cache_refills_total` of gateway `gw`.
+async fn refills(stack: &Stack, gw: usize) -> u64 {
+    stack.metric(gw, "gateway_cache_refills_total", "").await as u64
+}
+
+/// The messages of a history answer.
+fn messages(body: &Value) -> Vec<Value> {
+    body["messages"].as_array().cloned().unwrap_or_default()
+}
+
+fn seqs(messages: &[Value]) -> Vec<i64> {
+    messages.iter().map(|m| m["seq"].as_i64().unwrap()).collect()
+}
+
+/// Sends to `chat` until acked, retrying with the same id while the gateway
+/// answers `unavailable` (Redis coming back); returns the ack.
+async fn send_until_acked(client: &mut crate::harness::Client, chat: Uuid, body: &str) -> Value {
+    let id = Uuid::now_v7().to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let reply = client
+            .request(serde_json::json!({ "type": "send", "chat": chat.to_string(), "body": body, "id": id }))
+            .await;
+        if reply["type"] == "ack" {
+            return reply;
+        }
+        assert_eq!(reply["code"], "unavailable", "{body}: {reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{body}: still unavailable after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until gateway `gw` answers `/readyz` (its Redis connection is back).
+async fn wait_ready(stack: &Stack, gw: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stack.http(gw).get_text("/readyz").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway {gw} not ready after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_refill_while_messages_wait_in_the_queue_does_not_hide_them_from_history() {
+    let mut stack = cached_and_uncached().await;
+    let alice = user();
+    let (chat, stored) = chat_with_messages(&stack, alice, 5).await;
+    let last_stored = stored[4]["id"].as_str().unwrap().to_string();
+
+    // The persister stops: the next messages are acked (in the queue) but
+    // not in PostgreSQL.
+    stack.persister.as_mut().expect("a persister").terminate(WAIT).await;
+    let mut client = stack.connect(0, alice).await;
+    for i in 0..3 {
+        client.send_to_chat(chat, &format!("queued {i}")).await;
+    }
+    // The cache goes cold; a read refills it from PostgreSQL, which lacks
+    // the queued messages.
+    make_cold(&stack, chat).await;
+    let before = refills(&stack, 0).await;
+    history(&stack, 0, alice, chat, "").await;
+    assert_eq!(refills(&stack, 0).await, before + 1, "the read refilled the cache");
+    // More messages while the queued ones still wait.
+    for i in 0..2 {
+        client.send_to_chat(chat, &format!("later {i}")).await;
+    }
+
+    stack.start_persister().await;
+    let all = wait_stored(&stack, 1, alice, chat, 10).await;
+    let after = history(&stack, 0, alice, chat, &format!("after={last_stored}")).await;
+    assert_eq!(
+        seqs(&messages(&after)),
+        seqs(&all[5..]),
+        "every message after the last one stored before the refill, none skipped"
+    );
+    assert_eq!(messages(&after), all[5..].to_vec());
+    let latest = history(&stack, 0, alice, chat, "").await;
+    assert_eq!(latest, history(&stack, 1, alice, chat, "").await);
+
+    // Once the persister has caught up, the cache serves the chat again.
+    let hits = reads_from(&stack, 0, "cache").await;
+    assert_eq!(history(&stack, 0, alice, chat, "").await, latest);
+    assert_eq!(
+        reads_from(&stack, 0, "cache").await,
+        hits + 1,
+        "the latest page is a hit"
+    );
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_a_refill_does_not_hide_messages_still_in_the_queue() {
+    const GAP: i64 = 1000;
+    let mut stack = Stack::start(StackOptions {
+        gateways: 1,
+        redis_aof: true,
+        env: vec![
+            ("CHAT_CACHE_SIZE".into(), CACHE_SIZE.to_string()),
+            ("CHAT_SEQ_RESTART_GAP".into(), GAP.to_string()),
+            // One connection, so the one that came back is the one that reads.
+            ("GATEWAY_REDIS_CONNECTIONS".into(), "1".into()),
+        ],
+        ..StackOptions::default()
+    })
+    .await;
+    let uncached = stack.add_gateway(&[("CHAT_CACHE_SIZE", "0")]).await;
+    let alice = user();
+    let (chat, stored) = chat_with_messages(&stack, alice, 5).await;
+    let last_stored = stored[4]["id"].as_str().unwrap().to_string();
+    // A second chat stays quiet until after the restart.
+    let (quiet, quiet_stored) = chat_with_messages(&stack, alice, 3).await;
+
+    stack.persister.as_mut().expect("a persister").terminate(WAIT).await;
+    let mut client = stack.connect(0, alice).await;
+    for i in 0..3 {
+        client.send_to_chat(chat, &format!("queued {i}")).await;
+    }
+    // Redis restarts (keeping every write): the queued messages are still in
+    // the queue, and the chat's seq jumps.
+    stack.redis.restart().await;
+    let ack = send_until_acked(&mut client, chat, "after the restart").await;
+    assert_eq!(ack["seq"], 8 + GAP + 1, "{ack}");
+    wait_ready(&stack, uncached).await;
+
+    // The quiet chat, all stored, is refilled and served from the cache
+    // again, and its next message (after the jump) follows its last one.
+    let quiet_latest = history(&stack, 0, alice, quiet, "").await;
+    assert_eq!(messages(&quiet_latest), quiet_stored);
+    let hits = reads_from(&stack, 0, "cache").await;
+    assert_eq!(history(&stack, 0, alice, quiet, "").await, quiet_latest);
+    assert_eq!(
+        reads_from(&stack, 0, "cache").await,
+        hits + 1,
+        "the quiet chat is a hit"
+    );
+    let next = send_until_acked(&mut client, quiet, "the quiet chat's next").await;
+    assert_eq!(next["seq"], 3 + GAP + 1, "{next}");
+    let quiet_last = quiet_stored[2]["id"].as_str().unwrap();
+    let after = history(&stack, 0, alice, quiet, &format!("after={quiet_last}")).await;
+    assert_eq!(seqs(&messages(&after)), vec![3 + GAP + 1], "{after}");
+    assert_eq!(reads_from(&stack, 0, "cache").await, hits + 2, "served from the cache");
+
+    // The latest page is more than the cache holds since the restart: a read
+    // from PostgreSQL, which refills the cache.
+    let before = refills(&stack, 0).await;
+    history(&stack, 0, alice, chat, "").await;
+    assert_eq!(refills(&stack, 0).await, before + 1, "the read refilled the cache");
+
+    stack.start_persister().await;
+    let all = wait_stored(&stack, uncached, alice, chat, 9).await;
+    let after = history(&stack, 0, alice, chat, &format!("after={last_stored}")).await;
+    assert_eq!(
+        seqs(&messages(&after)),
+        seqs(&all[5..]),
+        "every message after the last one stored before the restart, none skipped"
+    );
+    assert_eq!(messages(&after), all[5..].to_vec());
+    let latest = history(&stack, 0, alice, chat, "").await;
+    assert_eq!(latest, history(&stack, uncached, alice, chat, "").await);
+
+    let hits = reads_from(&stack, 0, "cache").await;
+    assert_eq!(history(&stack, 0, alice, chat, "").await, latest);
+    assert_eq!(
+        reads_from(&stack, 0, "cache").await,
+        hits + 1,
+        "the latest page is a hit"
+    );
+}
+
+#[tokio::test]
+async fn a_private_message_sent_by_chat_id_is_cached_with_its_recipient() {
+    let stack = cached_and_uncached().await;
+    let (alice, bob) = (user(), user());
+    let chat = private_chat(alice, bob);
+    let mut client = stack.connect(0, alice).await;
+    client.send_message_to(bob, "by user id").await;
+    // 40 in all: the cache (20, trimmed every 16th seq) holds the last 28.
+    for i in 1..40 {
+        let ack = client.send_to_chat(chat, &format!("by chat id {i}")).await;
+        assert_eq!(ack["chat"], chat.to_string());
+    }
+    wait_stored(&stack, 1, bob, chat, 40).await;
+
+    let hits = reads_from(&stack, 0, "cache").await;
+    let page = history(&stack, 0, bob, chat, "limit=10").await;
+    assert_eq!(
+        reads_from(&stack, 0, "cache").await,
+        hits + 1,
+        "answered from the cache"
+    );
+    for m in messages(&page) {
+        assert_eq!(m["to"], bob.to_string(), "a private message names its recipient: {m}");
+    }
+    assert_eq!(page, history(&stack, 1, bob, chat, "limit=10").await);
+
+    // A latest page longer than the cache holds reads PostgreSQL and refills
+    // the cache; it still holds one entry per message.
+    history(&stack, 0, bob, chat, "limit=40").await;
+    let mut redis = stack.redis.connection().await;
+    let key = format!("chat:{chat}:recent");
+    let entries: Vec<(Vec<u8>, i64)> = redis.zrange_withscores(&key, 0, -1).await.unwrap();
+    let mut scores: Vec<i64> = entries.iter().map(|(_, s)| *s).collect();
+    scores.dedup();
+    assert_eq!(entries.len(), scores.len(), "one cache entry per message");
+
+    // The entries written on accept are, byte for byte, those a refill
+    // from PostgreSQL writes.
+    make_cold(&stack, chat).await;
+    history(&stack, 0, bob, chat, "").await;
+    let refilled: Vec<(Vec<u8>, i64)> = redis.zrange_withscores(&key, 0, -1).await.unwrap();
+    let common: Vec<_> = entries.iter().filter(|e| refilled.iter().any(|r| r.1 == e.1)).collect();
+    assert!(!common.is_empty(), "the refill holds some of the same messages");
+    for (entry, seq) in common {
+        assert!(
+            refilled.contains(&(entry.clone(), *seq)),
+            "the entry of seq {seq} differs after a refill"
+        );
+    }
+
+    let hits = reads_from(&stack, 0, "cache").await;
+    let page = history(&stack, 0, bob, chat, "limit=10").await;
+    assert_eq!(
+        reads_from(&stack, 0, "cache").await,
+        hits + 1,
+        "answered from the cache"
+    );
+    assert_eq!(
+        messages(&page).len(),
+        10,
+        "the latest page has `limit` messages: {page}"
+    );
+    assert_eq!(page, history(&stack, 1, bob, chat, "limit=10").await);
 }
