@@ -15,8 +15,9 @@ use shared::ids::{private_chat_id, ChatId, MessageId, UserId};
 use shared::protocol::{ErrorCode, Target};
 use shared::queue::STREAM;
 
-use crate::history::cache::{floor_key, recent_key};
+use redis::aio::ConnectionManager;
 
+use crate::history::cache::{floor_key, recent_key};
 use crate::redis_pool::{RedisError, RedisPool};
 use crate::run_script::{RunScript, ScriptCall};
 
@@ -136,8 +137,51 @@ impl Queue {
             .arg(self.settings.cache_ttl_secs)
             .arg(slot.map(|s| s.bytes.as_slice()).unwrap_or_default())
             .arg(slot.map(|s| s.at).unwrap_or_default());
-        let reply: Vec<String> = self.script.call(&self.redis, &call).await?;
-        parse_reply(id, &reply)
+        let mut conn = self.redis.pick();
+        let failed = match self
+            .redis
+            .timed(self.script.call_on::<Vec<String>>(&mut conn, &call))
+            .await
+        {
+            Ok(reply) => return parse_reply(id, &reply),
+            Err(e @ (RedisError::Timeout(_) | RedisError::Unavailable(_))) => e,
+            Err(e) => return Err(e.into()),
+        };
+        // An answer that came too late, or a connection lost after sending,
+        // does not mean the script did not run: Redis runs what it has read.
+        // Answering `unavailable` then would tell the client nothing was
+        // accepted, and a resend without an `id` would be a second message.
+        // So ask, on the same connection and after the script, whether it
+        // recorded this id for this sender.
+        match self.accepted_meanwhile(&mut conn, id, from).await {
+            Some(accepted) => {
+                tracing::info!(%id, error = %failed, "the accept script's answer was lost, but it had accepted the message");
+                Ok(accepted)
+            }
+            None => Err(failed.into()),
+        }
+    }
+
+    /// The message `id` of `from`, if the accept script recorded it.
+    async fn accepted_meanwhile(&self, conn: &mut ConnectionManager, id: MessageId, from: UserId) -> Option<Accepted> {
+        let fields: Vec<Option<String>> = self
+            .redis
+            .timed(
+                redis::cmd("HMGET")
+                    .arg(format!("msg:{id}"))
+                    .arg(&["from", "chat", "seq", "ts", "to"])
+                    .query_async(conn),
+            )
+            .await
+            .ok()?;
+        let [Some(sender), Some(chat), Some(seq), Some(ts), to] = fields.as_slice() else {
+            return None;
+        };
+        if *sender != from.to_string() {
+            return None;
+        }
+        let reply = ["ok", chat, seq, ts, to.as_deref().unwrap_or("")].map(String::from);
+        parse_reply(id, &reply).ok()
     }
 }
 

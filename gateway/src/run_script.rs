@@ -90,7 +90,17 @@ impl RunScript {
         redis.timed(self.call_on(&mut conn, call)).await
     }
 
-    async fn call_on<T: FromRedisValue>(&self, conn: &mut ConnectionManager, call: &ScriptCall) -> RedisResult<T> {
+    /// Runs the script on the connection `conn` (for a caller that sends
+    /// more on the same connection, in order, after it).
+    pub(crate) async fn call_on<T: FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+        call: &ScriptCall,
+    ) -> RedisResult<T> {
+        self.call_inner(conn, call).await
+    }
+
+    async fn call_inner<T: FromRedisValue>(&self, conn: &mut ConnectionManager, call: &ScriptCall) -> RedisResult<T> {
         let sha = self.sha(conn).await?;
         match evalsha(&sha, call).query_async(conn).await {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {

@@ -133,3 +133,45 @@ async fn without_redis_sends_get_unavailable_connections_stay_and_all_recovers_w
         "a message reached Bob twice after Redis returned"
     );
 }
+
+#[tokio::test]
+async fn a_send_without_an_id_whose_answer_came_too_late_is_acked_once_because_redis_ran_it() {
+    // Writes wait out a pause longer than the gateway's Redis timeout (500
+    // ms) and then run: the accept script's answer comes too late, yet the
+    // script accepted the message.
+    let stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: false,
+        env: vec![("GATEWAY_REDIS_TIMEOUT_MS".into(), "500".into())],
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_0 = stack.connect(0, alice).await;
+    let mut bob_0 = stack.connect(0, bob).await;
+    // Timed out by the gateway or by the Redis client's own response timeout.
+    let timeouts_before = stack.metric(0, "gateway_redis_errors_total", "").await;
+
+    let mut redis = stack.redis.connection().await;
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(800)
+        .arg("WRITE")
+        .query_async(&mut redis)
+        .await
+        .expect("CLIENT PAUSE");
+    // No `id`: a resend after `unavailable` would be a second message.
+    let reply = alice_0
+        .request(json!({ "type": "send", "to": bob.to_string(), "body": "late but accepted" }))
+        .await;
+    let timeouts = stack.metric(0, "gateway_redis_errors_total", "").await - timeouts_before;
+    println!("late answer: {timeouts} script timeout(s), reply {reply}");
+    assert!(timeouts >= 1.0, "the test's premise: the script's answer timed out");
+    assert_eq!(
+        reply["type"], "ack",
+        "the script ran, so the send was accepted: `unavailable` would say nothing was: {reply}"
+    );
+    let got = bob_0.expect("message", DEFAULT_TIMEOUT).await;
+    assert_eq!(got["id"], reply["id"], "{got}");
+    bob_0.expect_none("message", Duration::from_millis(300)).await;
+}
