@@ -4,8 +4,9 @@
 //! A dead letter's fields are, in this order: `reason` (the full error text),
 //! `class` (a fixed word, also the `reason` label of
 //! `persister_dead_letters_total`), `source_id` (the entry's id in
-//! `chat:queue`), `deliveries` (its delivery count when it was given up),
-//! then the original entry's fields unchanged. The four leading fields are
+//! `chat:queue`), `deliveries` (its delivery count when it was given up;
+//! empty when Redis dropped it, see `add`), then the original entry's fields
+//! unchanged. The four leading fields are
 //! recognised by position, so an original field of the same name is never
 //! mistaken for them. (Dead letters written before `deliveries` existed end
 //! with `reason`, `source_id` instead; they are read too.)
@@ -13,9 +14,12 @@
 //! Every move is atomic and happens at most once (Lua scripts): a queue entry
 //! becomes a dead letter only while it is still pending, and is acked and
 //! deleted from the queue in the same step; a dead letter is replayed only
-//! while it still exists, and deleted in the same step. Replaying twice, or a
-//! job that was stored meanwhile, is harmless: storage is idempotent. This
-//! module must never decide *whether* an entry is dead (see `retry`).
+//! while it still exists, and deleted in the same step. The exception is an
+//! entry deleted from the queue while pending that Redis itself already took
+//! out of the pending list: `add` writes its letter, at most once too.
+//! Replaying twice, or a job that was stored meanwhile, is harmless: storage
+//! is idempotent. This module must never decide *whether* an entry is dead
+//! (see `retry`).
 
 use std::sync::LazyLock;
 
@@ -215,6 +219,21 @@ pub async fn move_to_dead<C: ConnectionLike>(conn: &mut C, letter: &DeadLetter) 
         invocation.arg(field).arg(value);
     }
     Ok(invocation.invoke_async(conn).await?)
+}
+
+/// Writes `letter` to `chat:dead` as it is (XADD of `to_fields`), for an
+/// entry `move_to_dead` cannot move because it is no longer pending: one
+/// deleted from the queue while pending, which Redis dropped from the
+/// pending list when a takeover (XAUTOCLAIM) or a retry (XCLAIM) came across
+/// it. Redis tells only that caller, so this too happens at most once per
+/// entry. Returns the dead letter's id.
+pub async fn add<C: ConnectionLike>(conn: &mut C, letter: &DeadLetter) -> Result<String, DeadError> {
+    Ok(redis::cmd("XADD")
+        .arg(DEAD_LETTERS)
+        .arg("*")
+        .arg(letter.to_fields())
+        .query_async(conn)
+        .await?)
 }
 
 /// The oldest `limit` dead letters.

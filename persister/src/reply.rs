@@ -1,5 +1,5 @@
-//! Reads the replies of XREADGROUP, XAUTOCLAIM, XRANGE, XPENDING and TIME into
-//! plain data.
+//! Reads the replies of XREADGROUP, XAUTOCLAIM, XRANGE, XPENDING, TIME and
+//! the retry transaction (`reclaim`) into plain data.
 //!
 //! Pure functions over `redis::Value`, so they are tested without a server and
 //! accept both RESP2 (arrays) and RESP3 (maps) shapes. They must never panic
@@ -91,6 +91,45 @@ pub fn auto_claim(value: Value) -> Result<Claimed, ReplyError> {
         Some(other) => return Err(bad(CMD, format!("deleted ids: {other:?}"))),
     };
     Ok(Claimed { next, entries, deleted })
+}
+
+/// What the retry transaction returned (see `reclaim`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The entries XCLAIM delivered again.
+    pub entries: Vec<Entry>,
+    /// The XPENDING rows of the ids that were pending but whose entries no
+    /// longer existed (deleted from the stream): XCLAIM did not return them,
+    /// and Redis 7 dropped them from the pending list.
+    pub deleted: Vec<Pending>,
+}
+
+/// The retry transaction (MULTI): for each id, `XPENDING <id> <id> 1` then
+/// `XRANGE <id> <id>`; last, one XCLAIM of all the ids. An id is deleted
+/// when it was pending, its entry did not exist, and XCLAIM did not return
+/// it. (Redis 6.2 returns such an entry with no fields instead; it is then
+/// among `entries`, not `deleted`.) An id that was not pending (stored or
+/// dead-lettered by another consumer) is neither.
+pub fn reclaim(replies: Vec<Value>) -> Result<Reclaimed, ReplyError> {
+    const CMD: &str = "MULTI of XPENDING, XRANGE, XCLAIM";
+    if replies.len() % 2 != 1 {
+        return Err(bad(CMD, format!("{} replies, not two per id and one", replies.len())));
+    }
+    let mut replies = replies.into_iter();
+    let entries = match replies.next_back() {
+        Some(claimed) => entries_of(CMD, claimed)?,
+        None => return Err(bad(CMD, "no XCLAIM reply")),
+    };
+    let mut deleted = Vec::new();
+    while let (Some(pending), Some(range)) = (replies.next(), replies.next()) {
+        let exists = !entries_of(CMD, range)?.is_empty();
+        for row in pending_entries(pending)? {
+            if !exists && !entries.iter().any(|e| e.id == row.id) {
+                deleted.push(row);
+            }
+        }
+    }
+    Ok(Reclaimed { entries, deleted })
 }
 
 /// XPENDING summary form: the first element is the group's pending count.
@@ -313,6 +352,52 @@ mod tests {
         assert_eq!(claimed.next, "5-0");
         assert_eq!(claimed.entries[0].id, "4-0");
         assert_eq!(claimed.deleted, vec!["2-0"]);
+    }
+
+    fn pending_row(id: &str, deliveries: i64) -> Value {
+        Value::Array(vec![Value::Array(vec![
+            bulk(id),
+            bulk("p1"),
+            Value::Int(10),
+            Value::Int(deliveries),
+        ])])
+    }
+
+    #[test]
+    fn a_retry_finds_deleted_only_what_was_pending_gone_and_not_claimed() {
+        let nothing = || Value::Array(vec![]);
+        let reply = vec![
+            // 1-0: pending and there: claimed.
+            pending_row("1-0", 2),
+            Value::Array(vec![entry("1-0", &["v", "1"])]),
+            // 2-0: pending, gone, not claimed: deleted while pending.
+            pending_row("2-0", 3),
+            nothing(),
+            // 3-0: not pending and gone: stored by another consumer.
+            nothing(),
+            nothing(),
+            // 4-0: pending and gone, but returned with no fields (Redis 6.2).
+            pending_row("4-0", 1),
+            nothing(),
+            Value::Array(vec![
+                entry("1-0", &["v", "1"]),
+                Value::Array(vec![bulk("4-0"), Value::Nil]),
+            ]),
+        ];
+        let reclaimed = reclaim(reply).unwrap();
+        let ids: Vec<&str> = reclaimed.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["1-0", "4-0"]);
+        assert_eq!(
+            reclaimed.deleted,
+            vec![Pending {
+                id: "2-0".into(),
+                consumer: "p1".into(),
+                idle_ms: 10,
+                deliveries: 3
+            }]
+        );
+        assert!(reclaim(vec![]).is_err());
+        assert!(reclaim(vec![nothing(), nothing()]).is_err());
     }
 
     #[test]

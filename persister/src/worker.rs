@@ -32,8 +32,17 @@
 //!   consumer claims it again (XCLAIM, which counts a delivery) after a
 //!   backoff; at the limit it is moved to `chat:dead` with the error text
 //!   (`dead::move_to_dead`, atomic).
+//! - An entry deleted from the stream (by hand) while pending: a dead letter
+//!   of class `deleted`, without fields. Re-reading this consumer's pending
+//!   entries finds it with no fields (and moves it like a job that is not
+//!   one); a takeover (XAUTOCLAIM) or a retry (XCLAIM) does not find it at
+//!   all, because Redis drops it from the pending list there and tells only
+//!   that caller: XAUTOCLAIM lists it apart, and for XCLAIM the retry
+//!   transaction reads beforehand which ids are pending and which entries
+//!   exist. Nothing else will ever see it again, so its letter is kept in
+//!   memory until written (`dead::add`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -145,6 +154,10 @@ pub struct Worker {
     /// The last read of new entries found fewer than a batch: the stream
     /// was drained, and the next read waits `linger` first.
     drained: bool,
+    /// Letters for entries Redis reported deleted while pending, and dropped
+    /// from the pending list, that are not in `chat:dead` yet (Redis failed
+    /// meanwhile). Nothing else remembers them: written before anything else.
+    deleted: VecDeque<DeadLetter>,
 }
 
 impl Worker {
@@ -163,6 +176,7 @@ impl Worker {
             retries: RetrySchedule::default(),
             read_ahead: None,
             drained: false,
+            deleted: VecDeque::new(),
         }
     }
 
@@ -202,6 +216,14 @@ impl Worker {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not read this consumer's pending entries at shutdown"),
         }
+        if let Err(e) = self.write_deleted().await {
+            let ids: Vec<&str> = self.deleted.iter().map(|l| l.source_id.as_str()).collect();
+            tracing::error!(
+                error = %e,
+                ids = ?ids,
+                "entries deleted from the stream while pending are not in {DEAD_LETTERS}; they are lost"
+            );
+        }
         tracing::info!(consumer = %self.settings.consumer, "worker stopped");
     }
 
@@ -232,6 +254,7 @@ impl Worker {
             self.create_group().await?;
             self.group_ready = true;
         }
+        self.write_deleted().await?;
         if let Phase::OwnPending { after } = &self.phase {
             let entries = self.read(after.clone(), None).await?;
             match entries.last() {
@@ -346,18 +369,51 @@ impl Worker {
     /// Delivers these pending entries to this consumer again (XCLAIM with
     /// no idle minimum, which counts a delivery). Ids no longer pending
     /// (stored or dead-lettered by someone else) are not returned.
+    ///
+    /// Nor are ids whose entries were deleted from the stream while pending:
+    /// XCLAIM drops them from the pending list without a word. So the same
+    /// transaction first reads each id's pending row and whether its entry
+    /// exists; one that was pending, is gone and was not returned becomes a
+    /// `deleted` dead letter with the delivery count it had. One not pending
+    /// any more was stored (or dead-lettered) by another consumer: nothing
+    /// to do. An entry that exists is never taken for deleted.
     async fn reclaim(&mut self, ids: &[String]) -> Result<Vec<Entry>, WorkerError> {
-        let value: Value = redis::cmd("XCLAIM")
+        let mut transaction = redis::pipe();
+        transaction.atomic();
+        for id in ids {
+            transaction
+                .cmd("XPENDING")
+                .arg(STREAM)
+                .arg(GROUP)
+                .arg(id)
+                .arg(id)
+                .arg(1);
+            transaction.cmd("XRANGE").arg(STREAM).arg(id).arg(id);
+        }
+        transaction
+            .cmd("XCLAIM")
             .arg(STREAM)
             .arg(GROUP)
             .arg(&self.settings.consumer)
             .arg(0)
-            .arg(ids)
-            .query_async(&mut self.redis.commands)
-            .await?;
-        let entries = reply::range(value)?;
-        tracing::debug!(asked = ids.len(), got = entries.len(), "retrying refused entries");
-        Ok(entries)
+            .arg(ids);
+        let replies: Vec<Value> = transaction.query_async(&mut self.redis.commands).await?;
+        let reclaimed = reply::reclaim(replies)?;
+        tracing::debug!(
+            asked = ids.len(),
+            got = reclaimed.entries.len(),
+            deleted = reclaimed.deleted.len(),
+            "retrying refused entries"
+        );
+        self.deleted.extend(
+            reclaimed
+                .deleted
+                .into_iter()
+                .map(|row| Failed::deleted(row.id).letter(Some(row.deliveries))),
+        );
+        // The entries in hand stay pending for this consumer if this fails.
+        self.write_deleted().await?;
+        Ok(reclaimed.entries)
     }
 
     /// One XAUTOCLAIM step. A full scan of the pending list may take several
@@ -374,12 +430,6 @@ impl Worker {
             .query_async(&mut self.redis.commands)
             .await?;
         let claimed = reply::auto_claim(value)?;
-        if !claimed.deleted.is_empty() {
-            tracing::warn!(
-                ids = ?claimed.deleted,
-                "pending entries were deleted from the stream before being stored; Redis dropped them from the pending list"
-            );
-        }
         if claimed.next == "0-0" {
             self.next_claim = Instant::now() + (self.settings.claim_idle / 2);
         }
@@ -390,7 +440,25 @@ impl Worker {
                 "claimed entries idle for longer than PERSISTER_CLAIM_IDLE_MS"
             );
         }
+        // Pending entries deleted from the stream: Redis dropped them from
+        // the pending list, their delivery counts with them, and told only
+        // this call.
+        self.deleted
+            .extend(claimed.deleted.into_iter().map(|id| Failed::deleted(id).letter(None)));
+        // The entries in hand stay pending for this consumer if this fails.
+        self.write_deleted().await?;
         Ok(claimed.entries)
+    }
+
+    /// Writes the letters of `self.deleted` to `chat:dead`, oldest first; on
+    /// an error the rest stay for the next try.
+    async fn write_deleted(&mut self) -> Result<(), WorkerError> {
+        while let Some(letter) = self.deleted.front() {
+            let dead_id = dead::add(&mut self.redis.commands, letter).await?;
+            dead_lettered(letter, &dead_id);
+            self.deleted.pop_front();
+        }
+        Ok(())
     }
 
     async fn handle(&mut self, entries: Vec<Entry>) -> Result<usize, WorkerError> {
@@ -488,18 +556,7 @@ impl Worker {
                 self.retries.remove(&failed.id);
                 let letter = failed.into_letter(count);
                 match dead::move_to_dead(&mut self.redis.commands, &letter).await? {
-                    Some(dead_id) => {
-                        metrics::counter!("persister_dead_letters_total", "reason" => letter.class.clone())
-                            .increment(1);
-                        tracing::warn!(
-                            id = %letter.source_id,
-                            dead_id = %dead_id,
-                            class = %letter.class,
-                            deliveries = count,
-                            reason = without_row(&letter.reason),
-                            "moved an entry to the dead-letter stream {DEAD_LETTERS}"
-                        );
-                    }
+                    Some(dead_id) => dead_lettered(&letter, &dead_id),
                     None => tracing::debug!(id = %letter.source_id, "already stored or dead-lettered elsewhere"),
                 }
             }
@@ -540,6 +597,19 @@ impl Worker {
             .await?;
         Ok(())
     }
+}
+
+/// Counts and logs a letter just written to `chat:dead`.
+fn dead_lettered(letter: &DeadLetter, dead_id: &str) {
+    metrics::counter!("persister_dead_letters_total", "reason" => letter.class.clone()).increment(1);
+    tracing::warn!(
+        id = %letter.source_id,
+        dead_id = %dead_id,
+        class = %letter.class,
+        deliveries = letter.deliveries,
+        reason = without_row(&letter.reason),
+        "moved an entry to the dead-letter stream {DEAD_LETTERS}"
+    );
 }
 
 /// An error text for the logs: PostgreSQL's "Failing row contains (...)"
@@ -627,14 +697,31 @@ struct Failed {
 }
 
 impl Failed {
+    /// An entry deleted from the stream while pending: its fields are gone.
+    fn deleted(id: String) -> Failed {
+        Failed {
+            id,
+            class: "deleted",
+            reason: "the entry was deleted from the stream while pending".into(),
+            retryable: false,
+        }
+    }
+
     fn into_letter(self, deliveries: u64) -> DeadLetter {
+        self.letter(Some(deliveries))
+    }
+
+    /// Its dead letter; `deliveries` is `None` when the count is unknown
+    /// (Redis dropped it with the pending entry).
+    fn letter(self, deliveries: Option<u64>) -> DeadLetter {
         DeadLetter {
             id: String::new(),
             reason: self.reason,
             class: self.class.to_string(),
             source_id: self.id,
-            deliveries: Some(deliveries),
-            // The dead-letter script copies them from the queue.
+            deliveries,
+            // The dead-letter script copies them from the queue (`deleted`
+            // entries have none).
             fields: Vec::new(),
         }
     }
@@ -643,12 +730,7 @@ impl Failed {
 /// An entry as a job, or as an entry that is not one.
 fn parse(entry: Entry) -> Result<(String, Job), Failed> {
     let Some(fields) = entry.fields else {
-        return Err(Failed {
-            id: entry.id,
-            class: "deleted",
-            reason: "the entry was deleted from the stream while pending".into(),
-            retryable: false,
-        });
+        return Err(Failed::deleted(entry.id));
     };
     let mut fields = fields;
     if let Some(job) = message_fast(&mut fields) {

@@ -8,6 +8,7 @@ mod access;
 mod auth;
 mod bad_input;
 mod cache;
+mod dead_letters;
 mod drain;
 mod faults;
 mod flood;

@@ -139,6 +139,21 @@ impl Persister {
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.metrics_addr)
     }
+
+    /// The sum of the samples of counter or gauge `name` whose labels
+    /// contain `label`, from its `/metrics` (0 when none yet), as
+    /// `Stack::metric` reads a gateway's.
+    pub async fn metric(&self, name: &str, label: &str) -> f64 {
+        let text = reqwest::get(self.metrics_url())
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("{}'s /metrics: {e}", self.name));
+        let text = text
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("{}'s /metrics: {e}", self.name));
+        super::metric_sum(&text, name, label)
+    }
 }
 
 macro_rules! deref_to_process {
