@@ -27,11 +27,7 @@ use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use crate::harness::client::ConnectError;
-use crate::harness::{self, Client, Persister, Stack, StackOptions, DEFAULT_TIMEOUT};
-
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
+use crate::harness::{self, env, Client, Persister, Stack, StackOptions, DEFAULT_TIMEOUT};
 
 fn send_event(to: Uuid, id: Uuid, body: &str, reference: &str) -> Value {
     json!({ "type": "send", "to": to.to_string(), "body": body, "id": id.to_string(), "ref": reference })
@@ -52,14 +48,7 @@ async fn pause_redis_writes(stack: &Stack, ms: u64) {
 
 /// The message ids in the queue stream, with how many entries each has.
 async fn queued_message_ids(stack: &Stack) -> HashMap<Uuid, usize> {
-    let mut redis = stack.redis.connection().await;
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(STREAM)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut redis)
-        .await
-        .expect("XRANGE");
+    let entries = stack.stream_entries(STREAM).await;
     let mut ids = HashMap::new();
     for (_, fields) in entries {
         let fields: HashMap<&str, &str> = fields
@@ -520,10 +509,7 @@ async fn a_persister_stopped_mid_batch_stores_and_acks_its_batch_then_exits_0() 
     assert_eq!(queued_message_ids(&stack).await.len(), MESSAGES);
 
     // A lock on `messages` holds the persister's first batch in PostgreSQL.
-    let (pg, connection) = tokio_postgres::connect(stack.db_url(), tokio_postgres::NoTls)
-        .await
-        .expect("connecting to PostgreSQL");
-    tokio::spawn(connection);
+    let pg = stack.db().await;
     pg.batch_execute("BEGIN; LOCK TABLE messages IN SHARE MODE")
         .await
         .expect("locking messages");

@@ -18,17 +18,13 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use self::traffic::{queue_state, wait_until_stored, Figures, Ledger, Planned, Sender, Target, Traffic};
-use crate::harness::{self, process, Api, Client, Stack, StackOptions};
+use crate::harness::{self, env, process, Api, Client, Stack, StackOptions};
 
 /// How long the persisters may take to store everything once the fault is
 /// over (a bound, not a measure: the wait ends as soon as they are done).
 const DRAIN: Duration = Duration::from_secs(60);
 /// Messages each of the four senders sends.
 const PER_SENDER: usize = 250;
-
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
 
 /// The people of a run. Ann and Bob write to a group of the five; Dan and
 /// Eve write to Carol privately. Carol only reads.
@@ -108,15 +104,6 @@ impl Cast {
             ("Eve's private chat", harness::private_chat(self.eve, self.carol)),
         ]
     }
-}
-
-/// Runs `sql` on the stack's database.
-async fn sql(stack: &Stack, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(stack.db_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", stack.db_url()));
-    tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 /// Entries the group's consumer `consumer` has read and not acknowledged.
@@ -496,11 +483,9 @@ async fn a_message_postgresql_refuses_goes_to_the_dead_letters_and_is_stored_onc
     })
     .await;
     // What makes the database refuse one row: a rule added by an operator.
-    sql(
-        &stack,
-        "ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (body NOT LIKE '%POISON%') NOT VALID",
-    )
-    .await;
+    stack
+        .sql("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (body NOT LIKE '%POISON%') NOT VALID")
+        .await;
     let cast = Cast::new(&stack).await;
     let mut senders: Vec<Sender> = cast.senders(&stack, 150, "poison").into_iter().take(2).collect();
     for sender in &mut senders {
@@ -557,7 +542,7 @@ async fn a_message_postgresql_refuses_goes_to_the_dead_letters_and_is_stored_onc
         listed.status,
         String::from_utf8_lossy(&listed.stderr)
     );
-    sql(&stack, "ALTER TABLE messages DROP CONSTRAINT no_poison").await;
+    stack.sql("ALTER TABLE messages DROP CONSTRAINT no_poison").await;
     let replayed = process::run_persister(&["dead-letters", "replay", "--all"], ops_env).await;
     assert!(
         replayed.status.success(),

@@ -23,7 +23,7 @@ fn one_gateway(env: &[(&str, &str)]) -> StackOptions {
     StackOptions {
         gateways: 1,
         persister: false,
-        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: harness::env(env),
         ..StackOptions::default()
     }
 }

@@ -8,10 +8,7 @@ use crate::harness::{self, Stack, StackOptions};
 
 /// Rows in `messages`.
 async fn stored(stack: &Stack) -> i64 {
-    let (client, connection) = tokio_postgres::connect(stack.db_url(), tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL");
-    tokio::spawn(connection);
+    let client = stack.db().await;
     client
         .query_one("SELECT count(*) FROM messages", &[])
         .await

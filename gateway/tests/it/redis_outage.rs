@@ -142,7 +142,7 @@ async fn a_send_without_an_id_whose_answer_came_too_late_is_acked_once_because_r
     let stack = Stack::start(StackOptions {
         gateways: 1,
         persister: false,
-        env: vec![("GATEWAY_REDIS_TIMEOUT_MS".into(), "500".into())],
+        env: harness::env(&[("GATEWAY_REDIS_TIMEOUT_MS", "500")]),
         ..StackOptions::default()
     })
     .await;

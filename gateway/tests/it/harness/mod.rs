@@ -46,6 +46,20 @@ pub use self::redis::Redis;
 /// How long any single wait lasts unless the test says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Environment for `StackOptions::env` from `(name, value)` pairs.
+pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// The sum of the samples of counter or gauge `name` whose labels contain
+/// `label`, in a Prometheus text exposition (0 when there are none).
+pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A fresh user id (users exist by holding a token; nothing to create).
 pub fn user() -> Uuid {
     Uuid::new_v4()
@@ -196,6 +210,37 @@ impl Stack {
 
     pub fn db_url(&self) -> &str {
         &self.db.url
+    }
+
+    /// A new connection to the stack's database.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(self.db_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.db_url()));
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Runs `sql` (one or more statements) on the stack's database.
+    pub async fn sql(&self, sql: &str) {
+        self.db()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Every entry of the Redis stream `stream`, oldest first: its id and
+    /// its fields as name, value, name, value…
+    pub async fn stream_entries(&self, stream: &str) -> Vec<(String, Vec<String>)> {
+        let mut redis = self.redis.connection().await;
+        ::redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_else(|e| panic!("XRANGE {stream}: {e}"))
     }
 
     /// Starts one more gateway (named gwN) with `extra` env on top of the
@@ -357,10 +402,24 @@ impl Stack {
     pub async fn metric(&self, gw: usize, name: &str, label: &str) -> f64 {
         let (status, text) = self.http(gw).get_text("/metrics").await;
         assert_eq!(status, 200, "/metrics: {text}");
-        text.lines()
-            .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_sum(&text, name, label)
+    }
+
+    /// Polls `check` until it gives `Some`, and returns that; fails after
+    /// `timeout` saying it waited for `what`, with the processes' output.
+    /// For a state the product reaches by itself (a row stored, an entry
+    /// read, a dead letter written), never to let time pass.
+    pub async fn eventually<T>(&self, what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = check().await {
+                return found;
+            }
+            if Instant::now() >= deadline {
+                panic!("no {what} within {timeout:?}\n{}", self.logs_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The last `lines` lines of every process's output, for failure messages.
