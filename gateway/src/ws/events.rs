@@ -117,8 +117,8 @@ impl Session {
         // detaches only tracked chats.
         let newly_attached = self.chats.insert(chat);
         if newly_attached && self.svc.hub.attach_chat(chat, self.conn.clone()).await.is_err() {
-            self.chats.remove(&chat);
             self.svc.hub.detach_chat(chat, self.conn.id).await;
+            self.chats.remove(&chat);
             return Err((ErrorCode::Unavailable, "cluster bus unavailable".to_string()));
         }
         match self
@@ -135,8 +135,8 @@ impl Session {
             })),
             Err(e) => {
                 if newly_attached {
-                    self.chats.remove(&chat);
                     self.svc.hub.detach_chat(chat, self.conn.id).await;
+                    self.chats.remove(&chat);
                 }
                 Err((e.code(), e.to_string()))
             }
@@ -180,8 +180,12 @@ impl Session {
 
     /// The user left `chat`: stop receiving it.
     pub(super) async fn left_elsewhere(&mut self, chat: ChatId) {
-        if self.chats.remove(&chat) {
+        // Untracked only once detached: this runs while writing queued
+        // frames, which a close can cancel, and the session's Drop detaches
+        // the chats still tracked.
+        if self.chats.contains(&chat) {
             self.svc.hub.detach_chat(chat, self.conn.id).await;
+            self.chats.remove(&chat);
         }
     }
 
