@@ -108,6 +108,8 @@ async fn run_cli(cli: Cli, nofile: u64) -> i32 {
         nofile_limit: nofile,
         phases: Vec::new(),
         last_passing: None,
+        ceiling_found: None,
+        stopped_by: None,
         connections: None,
         closes: BTreeMap::new(),
         stale: 0,
@@ -193,6 +195,8 @@ async fn drive(scenario: &Scenario, common: &Common, report: &mut Report) -> any
     let outcome = outcome?;
     report.phases = outcome.phases;
     report.last_passing = outcome.last_passing;
+    report.ceiling_found = outcome.stopped_by.map(|s| s == report::StoppedBy::FailedStep);
+    report.stopped_by = outcome.stopped_by;
     Ok(())
 }
 

@@ -93,6 +93,9 @@ pub struct Phase {
     /// Scheduled but not written (the sender's connection was gone or its
     /// queue in the load tool was full).
     pub not_sent: u64,
+    /// Scheduled, and still in a writer's queue in the load tool when the
+    /// drain ended: scheduled − sent − not_sent.
+    pub queued_at_end: u64,
     /// Sent, and neither acked nor refused by the end of the drain.
     pub unacked: u64,
     /// Recipient connections per message.
@@ -101,18 +104,25 @@ pub struct Phase {
     pub offered_msgs_per_s: f64,
     /// Messages actually written within the window, per second.
     pub sent_per_s: f64,
-    /// `message` events received within the window, per second: a group
-    /// message to 100 members counts as its 99 deliveries.
+    /// Distinct deliveries received within the window, per second: a group
+    /// message to 100 members counts as its 99 deliveries, a duplicate not.
     pub delivered_per_s: f64,
-    /// Deliveries of this phase's messages, received at any time.
+    /// Distinct deliveries of this phase's messages, received at any time:
+    /// (message, expected recipient connection) pairs received.
     pub delivered: u64,
     /// Deliveries owed for acked messages (acked × fanout).
     pub expected_deliveries: u64,
     /// Acked messages that some expected recipient connection had not
     /// received by the end of the drain.
     pub lost_messages: u64,
+    /// (acked message, expected recipient connection) pairs not received.
     pub missing_deliveries: u64,
+    /// Receipts of a message by an expected recipient connection that had
+    /// already received it.
     pub duplicate_deliveries: u64,
+    /// Receipts by a connection the message was not owed to (the sending
+    /// connection itself, a non-member), or naming no message of the phase.
+    pub unexpected_deliveries: u64,
     /// Send (the schedule's time) → receipt, for messages sent in the window.
     pub latency: Latency,
     /// Send (the schedule's time) → ack.
@@ -134,7 +144,8 @@ pub struct Phase {
 
 impl Phase {
     /// The `max` mode's test: p99 within the bound, and every scheduled
-    /// message written, acked (no error) and delivered to every recipient.
+    /// message written, acked (no error) and delivered exactly once to
+    /// every expected recipient connection and to no other.
     pub fn judge(&mut self, p99_bound_ms: f64, loadgen_lag_bound_ms: f64) {
         let mut why = Vec::new();
         if self.latency.count == 0 {
@@ -144,7 +155,19 @@ impl Phase {
             why.push(format!("p99 {:.3} ms > {p99_bound_ms} ms", self.latency.p99_ms));
         }
         if self.lost_messages > 0 {
-            why.push(format!("{} messages lost", self.lost_messages));
+            why.push(format!(
+                "{} messages lost ({} deliveries missing)",
+                self.lost_messages, self.missing_deliveries
+            ));
+        }
+        if self.duplicate_deliveries > 0 {
+            why.push(format!("{} duplicate deliveries", self.duplicate_deliveries));
+        }
+        if self.unexpected_deliveries > 0 {
+            why.push(format!(
+                "{} unexpected deliveries (to a connection not owed the message)",
+                self.unexpected_deliveries
+            ));
         }
         if self.unacked > 0 {
             why.push(format!("{} messages not acked", self.unacked));
@@ -154,6 +177,12 @@ impl Phase {
         }
         if self.not_sent > 0 {
             why.push(format!("{} messages not sent", self.not_sent));
+        }
+        if self.sent + self.not_sent < self.scheduled {
+            why.push(format!(
+                "{} messages still queued in the load tool at the end of the drain",
+                self.scheduled - self.sent - self.not_sent
+            ));
         }
         if self.send_lag.p99_ms > loadgen_lag_bound_ms {
             why.push(format!(
@@ -202,6 +231,31 @@ pub struct GatewayMemory {
     pub bytes_per_connection: Option<f64>,
 }
 
+/// Why `max` mode stopped stepping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoppedBy {
+    /// A step failed: the ceiling is between it and the step before.
+    FailedStep,
+    /// --max-steps steps ran, all passing.
+    MaxSteps,
+    /// The next step's rate was past --max-rate.
+    MaxRate,
+    /// The next step would have scheduled more than --max-messages.
+    MaxMessages,
+}
+
+impl StoppedBy {
+    pub fn option(self) -> &'static str {
+        match self {
+            StoppedBy::FailedStep => "a failing step",
+            StoppedBy::MaxSteps => "--max-steps",
+            StoppedBy::MaxRate => "--max-rate",
+            StoppedBy::MaxMessages => "--max-messages",
+        }
+    }
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -218,6 +272,13 @@ pub struct Report {
     pub phases: Vec<Phase>,
     /// Max mode: the fastest step that passed.
     pub last_passing: Option<Phase>,
+    /// Max mode: whether a step failed, so that the step after
+    /// `last_passing` is the ceiling. False when the run stopped at a limit
+    /// of its own with every step passing: `last_passing` is then a lower
+    /// bound. None in other modes.
+    pub ceiling_found: Option<bool>,
+    /// Max mode: why the steps stopped.
+    pub stopped_by: Option<StoppedBy>,
     pub connections: Option<Connections>,
     /// Connections ended by the server or the network during the run, by
     /// reason (`close 1008`, `eof`, …).
@@ -253,13 +314,21 @@ fn phase_text(p: &Phase, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "  offered {:.0} msg/s, delivered {:.0}/s (fanout {}), sent {} acked {} errored {} not sent {} unacked {}",
-        p.offered_msgs_per_s, p.delivered_per_s, p.fanout, p.sent, p.acked, p.errored, p.not_sent, p.unacked
+        "  offered {:.0} msg/s, delivered {:.0}/s (fanout {}), sent {} acked {} errored {} not sent {} queued at end {} unacked {}",
+        p.offered_msgs_per_s,
+        p.delivered_per_s,
+        p.fanout,
+        p.sent,
+        p.acked,
+        p.errored,
+        p.not_sent,
+        p.queued_at_end,
+        p.unacked
     );
     let _ = writeln!(
         out,
-        "  lost {} messages ({} deliveries missing, {} duplicate), drain {:.2} s",
-        p.lost_messages, p.missing_deliveries, p.duplicate_deliveries, p.drain_s
+        "  lost {} messages ({} deliveries missing), {} duplicate and {} unexpected deliveries, drain {:.2} s",
+        p.lost_messages, p.missing_deliveries, p.duplicate_deliveries, p.unexpected_deliveries, p.drain_s
     );
     let _ = writeln!(out, "{}", lat_line("end-to-end", &p.latency));
     let _ = writeln!(out, "{}", lat_line("send→ack", &p.ack_latency));
@@ -304,16 +373,33 @@ impl Report {
             phase_text(p, &mut out);
         }
         if self.mode == "max" {
-            match &self.last_passing {
-                Some(p) => {
+            // A limit of the run's own, not a failing step, ended it.
+            let limit = self.stopped_by.filter(|s| *s != StoppedBy::FailedStep);
+            match (&self.last_passing, limit) {
+                (Some(p), None) => {
                     let _ = writeln!(
                         out,
                         "max: last passing step {} at {:.0} msg/s: {:.0} deliveries/s, p99 {:.3} ms",
                         p.phase, p.rate, p.delivered_per_s, p.latency.p99_ms
                     );
                 }
-                None => {
+                (Some(p), Some(limit)) => {
+                    let _ = writeln!(
+                        out,
+                        "max: last passing step {} at {:.0} msg/s: {:.0} deliveries/s, p99 {:.3} ms; \
+                         no ceiling found: every step passed until {}, so this is a lower bound",
+                        p.phase,
+                        p.rate,
+                        p.delivered_per_s,
+                        p.latency.p99_ms,
+                        limit.option()
+                    );
+                }
+                (None, None) => {
                     let _ = writeln!(out, "max: no step passed");
+                }
+                (None, Some(limit)) => {
+                    let _ = writeln!(out, "max: no step run (stopped by {})", limit.option());
                 }
             }
         }
@@ -431,16 +517,41 @@ mod tests {
     }
 
     #[test]
-    fn json_report_shape() {
+    fn judge_fails_duplicates_unexpected_and_queued_sends() {
         let mut p = sample_phase();
-        p.errors.insert("rate_limited".into(), 3);
-        p.processes.push(ProcCpu {
-            name: "gw1".into(),
-            pid: 10,
-            cpu_s: 5.0,
-            cores: 0.5,
-        });
-        let r = Report {
+        (p.scheduled, p.sent, p.acked) = (100, 100, 100);
+        p.judge(20.0, 50.0);
+        assert!(p.pass, "{:?}", p.fail_reasons);
+        p.duplicate_deliveries = 1;
+        p.judge(20.0, 50.0);
+        assert!(!p.pass);
+        assert_eq!(p.fail_reasons, ["1 duplicate deliveries"]);
+        p.duplicate_deliveries = 0;
+        p.unexpected_deliveries = 2;
+        p.judge(20.0, 50.0);
+        assert!(!p.pass);
+        assert_eq!(p.fail_reasons.len(), 1);
+        assert!(
+            p.fail_reasons[0].starts_with("2 unexpected deliveries"),
+            "{:?}",
+            p.fail_reasons
+        );
+        // 3 sends neither written nor given up when the drain ended.
+        p.unexpected_deliveries = 0;
+        (p.sent, p.acked, p.not_sent) = (95, 95, 2);
+        p.judge(20.0, 50.0);
+        assert!(!p.pass);
+        assert_eq!(
+            p.fail_reasons,
+            [
+                "2 messages not sent",
+                "3 messages still queued in the load tool at the end of the drain"
+            ]
+        );
+    }
+
+    fn sample_report(p: Phase) -> Report {
+        Report {
             tool: "loadgen",
             version: "0.1.0",
             scenario: "group".into(),
@@ -452,6 +563,8 @@ mod tests {
             nofile_limit: 20000,
             phases: vec![p.clone()],
             last_passing: Some(p),
+            ceiling_found: Some(true),
+            stopped_by: Some(StoppedBy::FailedStep),
             connections: None,
             closes: BTreeMap::new(),
             stale: 0,
@@ -460,7 +573,47 @@ mod tests {
             loadgen_cpu_total: SelfCpu::default(),
             wall_s: 12.0,
             error: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_max_run_stopped_by_its_own_limit_reports_a_lower_bound() {
+        let mut p = sample_phase();
+        p.pass = true;
+        let mut r = sample_report(p);
+        assert!(!r.text().contains("lower bound"));
+        r.ceiling_found = Some(false);
+        for (by, name, option) in [
+            (StoppedBy::MaxSteps, "max-steps", "--max-steps"),
+            (StoppedBy::MaxRate, "max-rate", "--max-rate"),
+            (StoppedBy::MaxMessages, "max-messages", "--max-messages"),
+        ] {
+            r.stopped_by = Some(by);
+            let v: serde_json::Value = serde_json::from_str(&r.json_line()).unwrap();
+            assert_eq!(v["ceiling_found"], false);
+            assert_eq!(v["stopped_by"], name);
+            let text = r.text();
+            assert!(text.contains("max: last passing step 1"), "{text}");
+            assert!(
+                text.contains(&format!("every step passed until {option}, so this is a lower bound")),
+                "{text}"
+            );
+        }
+        r.last_passing = None;
+        assert!(r.text().contains("max: no step run (stopped by --max-messages)"));
+    }
+
+    #[test]
+    fn json_report_shape() {
+        let mut p = sample_phase();
+        p.errors.insert("rate_limited".into(), 3);
+        p.processes.push(ProcCpu {
+            name: "gw1".into(),
+            pid: 10,
+            cpu_s: 5.0,
+            cores: 0.5,
+        });
+        let r = sample_report(p);
         let line = r.json_line();
         assert!(!line.contains('\n'), "one line");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -471,6 +624,8 @@ mod tests {
             "config",
             "phases",
             "last_passing",
+            "ceiling_found",
+            "stopped_by",
             "connections",
             "loadgen_cpu_total",
             "nofile_limit",
@@ -483,6 +638,9 @@ mod tests {
             "delivered_per_s",
             "lost_messages",
             "missing_deliveries",
+            "duplicate_deliveries",
+            "unexpected_deliveries",
+            "queued_at_end",
             "unacked",
             "errors",
             "latency",
@@ -500,6 +658,8 @@ mod tests {
         assert_eq!(ph["errors"]["rate_limited"], 3);
         assert_eq!(ph["processes"][0]["name"], "gw1");
         assert_eq!(v["last_passing"]["latency"]["p99_ms"], 12.0);
+        assert_eq!(v["ceiling_found"], true);
+        assert_eq!(v["stopped_by"], "failed-step");
         assert!(r.text().contains("max: last passing step 1"));
     }
 }

@@ -17,10 +17,12 @@ use uuid::Uuid;
 
 use crate::cli::{Common, Mode, Traffic};
 use crate::conn::{self, open, reader, writer, ws_config, Endpoint, SendCmd, Shared, Ws};
-use crate::report::{new_histogram, Connections, GatewayMemory, Latency, MachineCpu, Phase, ProcCpu, SelfCpu};
+use crate::report::{
+    new_histogram, Connections, GatewayMemory, Latency, MachineCpu, Phase, ProcCpu, SelfCpu, StoppedBy,
+};
 use crate::schedule::{assign, Schedule};
 use crate::sys::{self, ns_at, self_cpu};
-use crate::tracker::PhaseTracker;
+use crate::tracker::{PhaseTracker, Recipients};
 
 /// The URL namespace of RFC 4122: private chat ids are v5 UUIDs in it.
 const URL_NAMESPACE: Uuid = Uuid::from_u128(0x6ba7b811_9dad_11d1_80b4_00c04fd430c8);
@@ -75,7 +77,9 @@ pub struct SenderSpec {
     pub conn: usize,
     /// `"to":"<user>"` or `"chat":"<chat>"`.
     pub target: String,
-    pub fanout: u32,
+    /// The connections its messages are owed to (one per user here, so the
+    /// sender has no other device to receive them).
+    pub to: Recipients,
 }
 
 /// Who connects where and who sends to whom.
@@ -98,12 +102,12 @@ pub fn private_population(pairs: usize, gateways: usize) -> Population {
         p.senders.push(SenderSpec {
             conn: 2 * i,
             target: format!(r#""to":"{b}""#),
-            fanout: 1,
+            to: Recipients::range_except(2 * i + 1..2 * i + 2, 2 * i),
         });
         p.senders.push(SenderSpec {
             conn: 2 * i + 1,
             target: format!(r#""to":"{a}""#),
-            fanout: 1,
+            to: Recipients::range_except(2 * i..2 * i + 1, 2 * i + 1),
         });
         p.chats.push(dm_chat(&a, &b));
     }
@@ -117,8 +121,8 @@ pub fn senders_per_group(size: usize, fraction: f64) -> usize {
 
 /// `groups` × `size` users, member m of group g on gateway (g·size + m) mod
 /// n; the first `senders_per_group` members of each group send, ordered so
-/// that consecutive messages go to different groups. `chats` are the
-/// created groups' ids.
+/// that consecutive messages go to different groups, each to the other
+/// members' connections. `chats` are the created groups' ids.
 pub fn group_population(groups: usize, size: usize, fraction: f64, gateways: usize, chats: &[Uuid]) -> Population {
     let mut p = Population::default();
     for g in 0..groups {
@@ -133,7 +137,7 @@ pub fn group_population(groups: usize, size: usize, fraction: f64, gateways: usi
             p.senders.push(SenderSpec {
                 conn: g * size + m,
                 target: format!(r#""chat":"{chat}""#),
-                fanout: (size - 1) as u32,
+                to: Recipients::range_except(g * size..(g + 1) * size, g * size + m),
             });
         }
     }
@@ -215,7 +219,8 @@ pub struct Running {
     /// Writer queues of the other connections (closed at the end).
     others: Vec<mpsc::Sender<SendCmd>>,
     tasks: Vec<JoinHandle<()>>,
-    fanouts: Vec<u32>,
+    /// Whom each sender's messages are owed to, by sender index.
+    recipients: Vec<Recipients>,
 }
 
 fn start(conns: Vec<Ws>, pop: &Population, body_len: usize, shared: &Arc<Shared>) -> Running {
@@ -248,7 +253,7 @@ fn start(conns: Vec<Ws>, pop: &Population, body_len: usize, shared: &Arc<Shared>
             .collect(),
         others,
         tasks,
-        fanouts: pop.senders.iter().map(|s| s.fanout).collect(),
+        recipients: pop.senders.iter().map(|s| s.to).collect(),
     }
 }
 
@@ -341,8 +346,8 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
     let length = Duration::from_secs_f64(warmup + window);
     let schedule = Schedule::new(rate, length);
     let n = running.senders.len() as u64;
-    let plan: Vec<(u64, u32)> = (0..n)
-        .map(|s| (schedule.count_for(s, n), running.fanouts[s as usize]))
+    let plan: Vec<(u64, Recipients)> = (0..n)
+        .map(|s| (schedule.count_for(s, n), running.recipients[s as usize]))
         .collect();
     let start = Instant::now() + Duration::from_millis(50);
     let window_start = start + Duration::from_secs_f64(warmup);
@@ -398,7 +403,9 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
     let drain_s = drain_start.elapsed().as_secs_f64();
     let tally = tracker.tally();
     let errors = tracker.errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let scheduled_fanout: f64 = plan.iter().map(|&(c, f)| c as f64 * f as f64).sum::<f64>();
+    let scheduled_fanout: f64 = plan.iter().map(|&(c, to)| c as f64 * to.fanout() as f64).sum::<f64>();
+    let sent = tracker.sent.load(Relaxed);
+    let not_sent = tracker.not_sent.load(Relaxed);
     let fanout = if total > 0 {
         scheduled_fanout / total as f64
     } else {
@@ -410,10 +417,11 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
         warmup_s: warmup,
         window_s: window,
         scheduled: total,
-        sent: tracker.sent.load(Relaxed),
+        sent,
         acked: tracker.acked.load(Relaxed),
         errored: tracker.errored.load(Relaxed),
-        not_sent: tracker.not_sent.load(Relaxed),
+        not_sent,
+        queued_at_end: total.saturating_sub(sent + not_sent),
         unacked: tally.unacked,
         fanout: round3(fanout),
         offered_msgs_per_s: rate,
@@ -423,7 +431,8 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
         expected_deliveries: tracker.owed.load(Relaxed),
         lost_messages: tally.lost_messages,
         missing_deliveries: tally.missing_deliveries,
-        duplicate_deliveries: tally.duplicate_deliveries,
+        duplicate_deliveries: tracker.duplicates.load(Relaxed),
+        unexpected_deliveries: tracker.unexpected.load(Relaxed),
         latency: Latency::from_histogram(&tracker.e2e.merged()),
         ack_latency: Latency::from_histogram(&tracker.ack.merged()),
         send_lag: Latency::from_histogram(&tracker.lag.merged()),
@@ -441,6 +450,8 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
 pub struct TrafficOutcome {
     pub phases: Vec<Phase>,
     pub last_passing: Option<Phase>,
+    /// Max mode: why the steps stopped.
+    pub stopped_by: Option<StoppedBy>,
 }
 
 /// Sets up `pop` (connections), runs the phases, and closes everything.
@@ -457,10 +468,11 @@ pub async fn traffic(ctx: &Ctx, traffic: &Traffic, pop: Population) -> anyhow::R
         "loadgen: {} connections open, {} senders, fanout {}",
         pop.users.len(),
         pop.senders.len(),
-        pop.senders[0].fanout
+        pop.senders[0].to.fanout()
     );
     let mut phases = Vec::new();
     let mut last_passing = None;
+    let mut stopped_by = None;
     match traffic.mode {
         Mode::Fixed => {
             check_size(traffic, traffic.rate, traffic.warmup + traffic.duration)?;
@@ -478,11 +490,14 @@ pub async fn traffic(ctx: &Ctx, traffic: &Traffic, pop: Population) -> anyhow::R
         }
         Mode::Max => {
             let mut rate = traffic.rate;
+            stopped_by = Some(StoppedBy::MaxSteps);
             for step in 1..=traffic.max_steps {
-                if rate > traffic.max_rate
-                    || check_size(traffic, rate, traffic.step_warmup + traffic.step_secs).is_err()
-                {
-                    eprintln!("loadgen: next rate {rate:.0} msg/s is past --max-rate or --max-messages; stopping");
+                if let Some(limit) = step_limit(traffic, rate) {
+                    eprintln!(
+                        "loadgen: next rate {rate:.0} msg/s is past {}; stopping with every step passing",
+                        limit.option()
+                    );
+                    stopped_by = Some(limit);
                     break;
                 }
                 let p = judged_phase(
@@ -498,6 +513,7 @@ pub async fn traffic(ctx: &Ctx, traffic: &Traffic, pop: Population) -> anyhow::R
                 let pass = p.pass;
                 phases.push(p.clone());
                 if !pass {
+                    stopped_by = Some(StoppedBy::FailedStep);
                     break;
                 }
                 last_passing = Some(p);
@@ -507,8 +523,26 @@ pub async fn traffic(ctx: &Ctx, traffic: &Traffic, pop: Population) -> anyhow::R
             }
         }
     }
+    if stopped_by == Some(StoppedBy::MaxSteps) {
+        eprintln!("loadgen: --max-steps reached with every step passing: the last step is a lower bound");
+    }
     stop(running, &ctx.shared).await;
-    Ok(TrafficOutcome { phases, last_passing })
+    Ok(TrafficOutcome {
+        phases,
+        last_passing,
+        stopped_by,
+    })
+}
+
+/// The limit of the run's own that forbids a `max` step at `rate`, if any.
+fn step_limit(traffic: &Traffic, rate: f64) -> Option<StoppedBy> {
+    if rate > traffic.max_rate {
+        Some(StoppedBy::MaxRate)
+    } else if check_size(traffic, rate, traffic.step_warmup + traffic.step_secs).is_err() {
+        Some(StoppedBy::MaxMessages)
+    } else {
+        None
+    }
 }
 
 fn check_size(traffic: &Traffic, rate: f64, secs: f64) -> anyhow::Result<()> {
@@ -760,6 +794,13 @@ mod tests {
         assert_eq!(p.senders[0].target, format!(r#""to":"{}""#, p.users[1]));
         assert_eq!(p.senders[1].target, format!(r#""to":"{}""#, p.users[0]));
         assert_eq!(p.chats[0], dm_chat(&p.users[1], &p.users[0]));
+        // Each message is owed to the peer's connection only.
+        let (to0, to1) = (p.senders[0].to, p.senders[1].to);
+        assert_eq!(
+            (to0.fanout(), to0.bit(1), to0.bit(0), to0.bit(2)),
+            (1, Some(0), None, None)
+        );
+        assert_eq!((to1.fanout(), to1.bit(0), to1.bit(1)), (1, Some(0), None));
     }
 
     #[test]
@@ -784,9 +825,39 @@ mod tests {
         assert_eq!(p.senders[0].target, format!(r#""chat":"{}""#, chats[0]));
         assert_eq!(p.senders[1].target, format!(r#""chat":"{}""#, chats[1]));
         assert_eq!(p.senders[3].conn, 1);
-        assert!(p.senders.iter().all(|s| s.fanout == 9));
+        assert!(p.senders.iter().all(|s| s.to.fanout() == 9));
+        // Sender 3 is member 1 of group 0: owed to members 0 and 2..10.
+        let to = p.senders[3].to;
+        assert_eq!(to, Recipients::range_except(0..10, 1));
+        assert_eq!(
+            (to.bit(0), to.bit(1), to.bit(2), to.bit(10)),
+            (Some(0), None, Some(1), None)
+        );
         assert_eq!(senders_per_group(100, 0.0), 1);
         assert_eq!(senders_per_group(100, 1.0), 100);
+    }
+
+    #[test]
+    fn max_steps_stop_at_the_runs_own_limits() {
+        let t = Traffic {
+            mode: Mode::Max,
+            rate: 100.0,
+            duration: 30.0,
+            warmup: 5.0,
+            drain: 5.0,
+            body_bytes: 100,
+            p99_bound_ms: 50.0,
+            step_secs: 8.0,
+            step_warmup: 2.0,
+            factor: 1.5,
+            max_steps: 12,
+            max_rate: 5_000.0,
+            max_messages: 40_000,
+            lag_bound_ms: 20.0,
+        };
+        assert_eq!(step_limit(&t, 3_000.0), None); // 30,000 messages
+        assert_eq!(step_limit(&t, 4_500.0), Some(StoppedBy::MaxMessages)); // 45,000
+        assert_eq!(step_limit(&t, 6_000.0), Some(StoppedBy::MaxRate));
     }
 
     #[test]
