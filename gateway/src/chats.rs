@@ -14,6 +14,7 @@ use std::sync::Arc;
 use redis::Script;
 use serde::Serialize;
 use shared::ids::{ChatId, UserId};
+use shared::keys;
 use shared::protocol::ErrorCode;
 use shared::queue::STREAM;
 
@@ -95,11 +96,9 @@ impl Chats {
         origin: &str,
     ) -> Result<(), ChatError> {
         let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(format!("chat:{chat}:meta"))
-            .key(format!("chat:{chat}:members"))
-            .key(STREAM);
+        inv.key(keys::chat_meta(chat)).key(keys::chat_members(chat)).key(STREAM);
         for m in members {
-            inv.key(format!("user:{m}:chats"));
+            inv.key(keys::user_chats(*m));
         }
         inv.arg(chat.to_string())
             .arg(title)
@@ -139,9 +138,9 @@ impl Chats {
         origin: &str,
     ) -> Result<Change, ChatError> {
         let mut inv = self.scripts.membership.prepare_invoke();
-        inv.key(format!("chat:{chat}:meta"))
-            .key(format!("chat:{chat}:members"))
-            .key(format!("user:{user}:chats"))
+        inv.key(keys::chat_meta(chat))
+            .key(keys::chat_members(chat))
+            .key(keys::user_chats(user))
             .key(STREAM)
             .arg(chat.to_string())
             .arg(user.to_string())
@@ -161,8 +160,8 @@ impl Chats {
     /// May `user` read `chat`? (contract: members only)
     pub async fn check_access(&self, chat: ChatId, user: UserId) -> Result<(), ChatError> {
         let mut inv = self.scripts.access.prepare_invoke();
-        inv.key(format!("chat:{chat}:meta"))
-            .key(format!("chat:{chat}:members"))
+        inv.key(keys::chat_meta(chat))
+            .key(keys::chat_members(chat))
             .arg(user.to_string());
         let reply: String = self.redis.run(&inv).await?;
         match reply.as_str() {
@@ -177,7 +176,7 @@ impl Chats {
     pub async fn groups_of(&self, user: UserId) -> Result<Vec<ChatId>, ChatError> {
         let ids: Vec<String> = self
             .redis
-            .query(redis::cmd("SMEMBERS").arg(format!("user:{user}:chats")))
+            .query(redis::cmd("SMEMBERS").arg(keys::user_chats(user)))
             .await?;
         Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
     }
@@ -185,9 +184,9 @@ impl Chats {
     /// Every chat of `user`: groups and private chats.
     pub async fn list(&self, user: UserId) -> Result<Vec<ChatSummary>, ChatError> {
         let mut inv = self.scripts.list.prepare_invoke();
-        inv.key(format!("user:{user}:chats"))
-            .key(format!("user:{user}:dms"))
-            .arg("chat:");
+        inv.key(keys::user_chats(user))
+            .key(keys::user_dms(user))
+            .arg(keys::CHAT_PREFIX);
         let flat: Vec<String> = self.redis.run(&inv).await?;
         let mut out = Vec::with_capacity(flat.len() / 6);
         for row in flat.chunks_exact(6) {
@@ -218,7 +217,7 @@ impl Chats {
     pub async fn seq_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<i64>, ChatError> {
         let (c, seq): (Option<String>, Option<i64>) = self
             .redis
-            .query(redis::cmd("HMGET").arg(format!("msg:{id}")).arg("chat").arg("seq"))
+            .query(redis::cmd("HMGET").arg(keys::message(id)).arg("chat").arg("seq"))
             .await?;
         Ok(match (c, seq) {
             (Some(c), Some(seq)) if c == chat.to_string() => Some(seq),

@@ -12,12 +12,12 @@
 
 use shared::cache::{CachedMessage, VERSION};
 use shared::ids::{private_chat_id, ChatId, MessageId, UserId};
+use shared::keys;
 use shared::protocol::{ErrorCode, Target};
 use shared::queue::STREAM;
 
 use redis::aio::ConnectionManager;
 
-use crate::history::cache::{floor_key, recent_key};
 use crate::redis_pool::{RedisError, RedisPool};
 use crate::run_script::{RunScript, ScriptCall};
 
@@ -113,15 +113,15 @@ impl Queue {
         // recipient only the script learns: it puts it into the entry.
         let slot = RecipientSlot::get();
         let mut call = ScriptCall::new();
-        call.key(format!("msg:{id}"))
-            .key(format!("chat:{chat}:meta"))
-            .key(format!("chat:{chat}:members"))
-            .key(seq_key(chat))
+        call.key(keys::message(id))
+            .key(keys::chat_meta(chat))
+            .key(keys::chat_members(chat))
+            .key(keys::chat_seq(chat))
             .key(STREAM)
-            .key(format!("user:{from}:dms"))
-            .key(format!("user:{}:dms", to.unwrap_or(from)))
-            .key(recent_key(chat))
-            .key(floor_key(chat))
+            .key(keys::user_dms(from))
+            .key(keys::user_dms(to.unwrap_or(from)))
+            .key(keys::chat_recent(chat))
+            .key(keys::chat_recent_floor(chat))
             .arg(id.to_string())
             .arg(chat.to_string())
             .arg(from.to_string())
@@ -168,7 +168,7 @@ impl Queue {
             .redis
             .timed(
                 redis::cmd("HMGET")
-                    .arg(format!("msg:{id}"))
+                    .arg(keys::message(id))
                     .arg(&["from", "chat", "seq", "ts", "to"])
                     .query_async(conn),
             )
@@ -263,13 +263,6 @@ impl RecipientSlot {
         out.extend_from_slice(&entry[at..]);
         out
     }
-}
-
-/// The chat's seq counter: a hash of `n` (the last seq), `rid` (the Redis
-/// run that last advanced it) and, after a restart's jump, `p` (the counter
-/// before the jump) and `j` (the first seq after it).
-pub fn seq_key(chat: ChatId) -> String {
-    format!("chat:{chat}:seq")
 }
 
 fn now_ms() -> i64 {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use redis::Script;
 use shared::ids::{private_chat_id, UserId};
+use shared::keys;
 use shared::protocol::Target;
 
 use crate::chats::ChatError;
@@ -38,19 +39,16 @@ impl Typing {
     }
 
     pub async fn relay(&self, from: UserId, target: Target, origin: &str) -> Result<Relayed, ChatError> {
-        let (to, chat, key) = match target {
-            // Keyed by the private chat, as when addressed by its id.
-            Target::User(to) => (
-                to.to_string(),
-                String::new(),
-                format!("typing:{from}:c:{}", private_chat_id(from, to)),
-            ),
-            Target::Chat(chat) => (String::new(), chat.to_string(), format!("typing:{from}:c:{chat}")),
+        // Keyed by the private chat, as when addressed by its id. The script
+        // reads the chat's keys only when the target is a chat.
+        let (to, chat, keyed) = match target {
+            Target::User(to) => (to.to_string(), String::new(), private_chat_id(from, to)),
+            Target::Chat(chat) => (String::new(), chat.to_string(), chat),
         };
         let mut inv = self.script.prepare_invoke();
-        inv.key(key)
-            .key(format!("chat:{chat}:meta"))
-            .key(format!("chat:{chat}:members"))
+        inv.key(keys::typing(from, keyed))
+            .key(keys::chat_meta(keyed))
+            .key(keys::chat_members(keyed))
             .arg(from.to_string())
             .arg(to)
             .arg(chat)

@@ -9,14 +9,16 @@
 //!
 //! This file wires the parts together: `Persister::build` binds the metrics
 //! port, `run_until_stopped` connects and runs the worker until the shutdown
-//! token fires, and `migrate` applies the schema. It holds no logic of its
+//! token fires, `migrate` applies the schema, and `restore_redis` rebuilds
+//! Redis's chat state from PostgreSQL. It holds no logic of its
 //! own and must never read the environment or print: `main` does that.
 //!
 //! Modules: `config` (settings), `migrate` (schema), `worker` (stream
 //! consumption, ack, claim, retries), `retry` (retry and dead-letter
 //! policy), `dead` (the dead-letter stream: format, move, list, replay),
 //! `reply` (Redis reply parsing), `batch` (isolating refused entries,
-//! backoff), `store` (PostgreSQL batch write), `http` (metrics and health).
+//! backoff), `store` (PostgreSQL batch write), `http` (metrics and health),
+//! `restore` (`persister restore-redis`).
 
 pub mod batch;
 pub mod config;
@@ -24,6 +26,7 @@ pub mod dead;
 pub mod http;
 pub mod migrate;
 pub mod reply;
+pub mod restore;
 pub mod retry;
 pub mod store;
 pub mod worker;
@@ -40,6 +43,7 @@ pub use batch::Backoff;
 pub use config::{Config, LogFormat};
 pub use dead::{DeadError, DeadLetter, Replayed};
 pub use migrate::MigrateError;
+pub use restore::{RestoreError, Summary as RestoreSummary};
 pub use retry::RetryPolicy;
 pub use store::StoreError;
 pub use worker::{RedisConns, Settings, Worker, WorkerError};
@@ -58,6 +62,8 @@ pub enum Error {
     Migrate(#[from] MigrateError),
     #[error(transparent)]
     Dead(#[from] DeadError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
     #[error("cannot reach Redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -231,6 +237,14 @@ pub async fn dead_letters_replay(config: &Config, ids: Option<&[String]>) -> Res
         Some(ids) => dead::replay_ids(&mut conn, ids).await?,
         None => dead::replay_all(&mut conn).await?,
     })
+}
+
+/// `persister restore-redis`: rebuilds the chats' state in Redis from
+/// PostgreSQL, `page` chats per query and per pipelined round trip,
+/// skipping every chat Redis still holds (see `restore`).
+pub async fn restore_redis(config: &Config, page: usize) -> Result<RestoreSummary, Error> {
+    let mut conn = cli_connection(config).await?;
+    Ok(restore::restore(config.database_url.expose(), &mut conn, page).await?)
 }
 
 async fn cli_connection(config: &Config) -> Result<redis::aio::MultiplexedConnection, Error> {

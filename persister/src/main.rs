@@ -44,7 +44,11 @@ SIGTERM or SIGINT: finish and acknowledge the current batch, then exit 0.
 `dead-letters list` prints one tab-separated line per dead letter, oldest first:
   <dead-letter id> <reason> <deliveries> <kind> <chat> <message id>
 (`-` where a value is missing). `dead-letters replay` prints one line per letter:
-  replayed <dead-letter id> <new queue id> | missing <id> | empty <id>";
+  replayed <dead-letter id> <new queue id> | missing <id> | empty <id>
+
+`restore-redis` prints one summary line (docs/operations.md, Restoring Redis):
+  chats_restored=N chats_skipped=N chats_behind=N memberships=N counters_only=N
+  private_unrestored=N seconds=S";
 
 /// Stores the chat queue (Redis Stream `chat:queue`) in PostgreSQL.
 #[derive(Parser)]
@@ -63,6 +67,14 @@ enum Command {
     /// Show or replay the dead-letter stream `chat:dead` (uses REDIS_URL only).
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Rebuild the chats' state in Redis (meta, members, chat lists, seq
+    /// counters) from PostgreSQL after Redis lost it; chats Redis still holds
+    /// are left as they are, so it is safe to run again.
+    RestoreRedis {
+        /// Chats per PostgreSQL query and per pipelined Redis round trip.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        page: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -127,6 +139,23 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             tracing::info!(replayed = queued, of = outcomes.len(), "dead letters replayed");
+        }
+        Command::RestoreRedis { page } => {
+            let s = persister::restore_redis(&config, page as usize).await.context(
+                "restore-redis stopped; what it wrote stays, and running it again continues \
+                 (chats already in Redis are skipped)",
+            )?;
+            println!(
+                "chats_restored={} chats_skipped={} chats_behind={} memberships={} counters_only={} \
+                 private_unrestored={} seconds={:.3}",
+                s.chats_restored,
+                s.chats_skipped,
+                s.chats_behind,
+                s.memberships,
+                s.counters_only,
+                s.private_unrestored,
+                s.elapsed.as_secs_f64()
+            );
         }
     }
     Ok(())

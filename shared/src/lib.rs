@@ -3,7 +3,8 @@
 //! This crate is the only code the two binaries have in common. It owns the
 //! client contract's event types (`protocol`), their wire encodings (`codec`),
 //! the ids and the private-chat id rule (`ids`), the durable queue's job format
-//! and Redis key names (`queue`), and the typed environment readers (`config`).
+//! (`queue`), the names of the Redis keys (`keys`), and the typed environment
+//! readers (`config`).
 //!
 //! It must never import anything else of ours, open a socket or spawn a task:
 //! it is plain data and pure functions, so both binaries (and the fuzzers and
@@ -13,5 +14,6 @@ pub mod cache;
 pub mod codec;
 pub mod config;
 pub mod ids;
+pub mod keys;
 pub mod protocol;
 pub mod queue;

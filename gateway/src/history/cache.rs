@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use shared::cache::CachedMessage;
 use shared::ids::ChatId;
+use shared::keys;
 use shared::protocol::Message;
 
 use super::Window;
-use crate::queue::seq_key;
 use crate::redis_pool::{RedisError, RedisPool};
 use crate::run_script::{RunScript, ScriptCall};
 
@@ -71,8 +71,8 @@ impl RecentCache {
         }
         let ascending = w.after.is_some();
         let mut call = ScriptCall::new();
-        call.key(recent_key(chat))
-            .key(floor_key(chat))
+        call.key(keys::chat_recent(chat))
+            .key(keys::chat_recent_floor(chat))
             .arg(if ascending { "after" } else { "latest" })
             .arg(w.after.map(|s| s.to_string()).unwrap_or_default())
             .arg(w.before.map(|s| s.to_string()).unwrap_or_default())
@@ -129,9 +129,9 @@ impl RecentCache {
             return Ok(None);
         }
         let mut call = ScriptCall::new();
-        call.key(recent_key(chat))
-            .key(floor_key(chat))
-            .key(seq_key(chat))
+        call.key(keys::chat_recent(chat))
+            .key(keys::chat_recent_floor(chat))
+            .key(keys::chat_seq(chat))
             .arg(self.size)
             .arg(self.ttl_secs);
         for m in latest {
@@ -140,12 +140,4 @@ impl RecentCache {
         let floor: i64 = self.fill.call(&self.redis, &call).await?;
         Ok((floor >= 0).then_some(floor))
     }
-}
-
-pub fn recent_key(chat: ChatId) -> String {
-    format!("chat:{chat}:recent")
-}
-
-pub fn floor_key(chat: ChatId) -> String {
-    format!("chat:{chat}:recent:floor")
 }

@@ -20,5 +20,6 @@ mod ordering;
 mod persisting;
 mod private;
 mod redis_outage;
+mod restore;
 mod typing;
 mod web;
