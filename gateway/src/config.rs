@@ -40,6 +40,10 @@ pub struct Config {
     /// `GATEWAY_REDIS_TIMEOUT_MS`: a Redis call slower than this fails the
     /// event with `unavailable` (the client retries with the same `id`).
     pub redis_timeout: Duration,
+    /// `GATEWAY_BUS_HEARTBEAT_MS`: each bus subscriber connection is PINGed
+    /// this often; one that answers nothing for 3 intervals is taken for
+    /// dead and replaced (a network split or a vanished host sends no FIN).
+    pub bus_heartbeat: Duration,
     /// `GATEWAY_DB_POOL`: PostgreSQL connections for history.
     pub db_pool: usize,
     /// `CHAT_MAX_BODY_BYTES`: the largest `body` accepted (`too_large` above).
@@ -83,7 +87,8 @@ pub struct Config {
     /// has been silent longer than interval + timeout is dropped (so at most
     /// 2 × interval + timeout after the last thing it sent).
     pub ping_timeout: Duration,
-    /// `GATEWAY_HANDSHAKE_TIMEOUT_SECS`: time to send a request's headers.
+    /// `GATEWAY_HANDSHAKE_TIMEOUT_SECS`: time to send a request's headers,
+    /// and the bound of registering a WebSocket (`ws::open`; 503 after it).
     pub handshake_timeout: Duration,
     /// `GATEWAY_DRAIN_SECS`: the grace period of a shutdown.
     pub drain: Duration,
@@ -167,6 +172,12 @@ impl Config {
                 or(src, "GATEWAY_REDIS_TIMEOUT_MS", 2000u64)?,
                 |n| *n >= 10,
                 "at least 10",
+            )?),
+            bus_heartbeat: Duration::from_millis(check(
+                "GATEWAY_BUS_HEARTBEAT_MS",
+                or(src, "GATEWAY_BUS_HEARTBEAT_MS", 5000u64)?,
+                |n| (10..=300_000).contains(n),
+                "10..=300000 (5 minutes)",
             )?),
             db_pool: check(
                 "GATEWAY_DB_POOL",
@@ -322,6 +333,7 @@ mod tests {
         assert!(c.shards >= 1);
         assert!(c.worker_threads >= 1);
         assert_eq!(c.log_filter, "info");
+        assert_eq!(c.bus_heartbeat, Duration::from_secs(5));
     }
 
     #[test]
@@ -332,6 +344,8 @@ mod tests {
             ("CHAT_MAX_BODY_BYTES", "2000000"),
             ("CHAT_DEV_LOGIN", "yes"),
             ("RUST_LOG", "gateway=loud"),
+            ("GATEWAY_BUS_HEARTBEAT_MS", "0"),
+            ("GATEWAY_BUS_HEARTBEAT_MS", "soon"),
         ] {
             let err = Config::from_source(&env(&[("CHAT_JWT_SECRET", "0123456789abcdef"), (name, value)]))
                 .unwrap_err()

@@ -251,9 +251,12 @@ async fn upgrade(svc: Arc<Services>, who: Identity, origin: Option<String>, hand
             "too many connections for this user on this node",
         )
         .into_response(),
-        Err(e @ (OpenError::Draining | OpenError::Unavailable | OpenError::Refused(ConnRefused::Node))) => {
-            ApiError::new(ErrorCode::Unavailable, e.to_string()).into_response()
-        }
+        Err(
+            e @ (OpenError::Draining
+            | OpenError::Unavailable
+            | OpenError::TimedOut(_)
+            | OpenError::Refused(ConnRefused::Node)),
+        ) => ApiError::new(ErrorCode::Unavailable, e.to_string()).into_response(),
     }
 }
 

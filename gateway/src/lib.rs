@@ -122,6 +122,10 @@ impl App {
                 hub.clone(),
                 origin.clone(),
                 rx,
+                bus::subscriber::BusSettings {
+                    heartbeat: config.bus_heartbeat,
+                    connect_timeout: config.redis_timeout,
+                },
                 bus_stop.clone(),
             );
         }

@@ -14,8 +14,13 @@
 //! `SUBSCRIBE`, `UNSUBSCRIBE` out (packed by redis-rs's `Cmd`); simple
 //! strings, errors, integers, bulk strings and flat arrays in. It owns the
 //! socket; it knows nothing of envelopes or shards.
+//!
+//! It never waits on a silent peer without a bound: `connect` gives up
+//! after the bound it is given, and the answers to `ping` (the
+//! supervisor's heartbeat) let the reader time out its waits on the socket.
 
 use std::io;
+use std::time::Duration;
 
 use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -49,11 +54,27 @@ pub enum Push {
     Message { channel: String, payload: Vec<u8> },
     /// One channel of a `SUBSCRIBE` or `UNSUBSCRIBE` is in effect.
     Confirmed,
+    /// The answer to a heartbeat `PING`: `["pong", ""]` while subscribed,
+    /// `+PONG` while the connection has no channel.
+    Pong,
 }
 
 /// Connects to the Redis of `info` (TCP or a Unix socket, with `AUTH` when
-/// it has a password) and checks that it answers `PING`.
-pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
+/// it has a password) and checks that it answers `PING`, all within
+/// `bound`: a host that drops packets (no SYN-ACK for minutes) or accepts
+/// and never answers fails here with `TimedOut` rather than holding the
+/// caller.
+pub async fn connect(info: &ConnectionInfo, bound: Duration) -> io::Result<(Commands, Pushes)> {
+    match tokio::time::timeout(bound, connect_unbounded(info)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("redis did not answer the connect within {bound:?}"),
+        )),
+    }
+}
+
+async fn connect_unbounded(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
     let (read, write): (ReadHalf, WriteHalf) = match &info.addr {
         ConnectionAddr::Tcp(host, port) => {
             let stream = TcpStream::connect((host.as_str(), *port)).await?;
@@ -83,7 +104,7 @@ pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
         }
         commands.send(auth.arg(password)).await?;
         match pushes.read_value().await? {
-            Value::Simple => {}
+            Value::Simple(_) => {}
             Value::Error(e) => return Err(protocol(format!("AUTH refused: {e}"))),
             other => return Err(protocol(format!("AUTH answered {other:?}"))),
         }
@@ -92,7 +113,7 @@ pub async fn connect(info: &ConnectionInfo) -> io::Result<(Commands, Pushes)> {
     // a password it wants) says so here, not after the connection counts as up.
     commands.send(&redis::cmd("PING")).await?;
     match pushes.read_value().await? {
-        Value::Simple => Ok((commands, pushes)),
+        Value::Simple(_) => Ok((commands, pushes)),
         Value::Error(e) => Err(protocol(format!("redis refused the connection: {e}"))),
         other => Err(protocol(format!("PING answered {other:?}"))),
     }
@@ -109,6 +130,13 @@ impl Commands {
         self.change("UNSUBSCRIBE", channels).await
     }
 
+    /// `PING`: the heartbeat. Redis answers it in order with the pushes
+    /// (`Push::Pong`), so a reader that hears nothing for several intervals
+    /// knows the connection is dead.
+    pub async fn ping(&mut self) -> io::Result<()> {
+        self.send(&redis::cmd("PING")).await
+    }
+
     async fn change(&mut self, command: &str, channels: &[&str]) -> io::Result<()> {
         if channels.is_empty() {
             return Ok(());
@@ -123,11 +151,20 @@ impl Commands {
 }
 
 impl Pushes {
+    /// Pushes read from `read`, for tests of what reads them.
+    #[cfg(test)]
+    pub(super) fn from_reader(read: impl AsyncRead + Send + Unpin + 'static) -> Pushes {
+        Pushes {
+            read: BufReader::with_capacity(READ_BUFFER, Box::new(read)),
+        }
+    }
+
     /// The next push. An error reply, a malformed frame or an end of stream
     /// is an error: the connection is no longer usable.
     pub async fn next(&mut self) -> io::Result<Push> {
         match self.read_value().await? {
             Value::Array(items) => to_push(items),
+            Value::Simple(s) if s.eq_ignore_ascii_case(b"PONG") => Ok(Push::Pong),
             Value::Error(e) => Err(protocol(format!("redis error on the bus: {e}"))),
             other => Err(protocol(format!("unexpected reply on the bus: {other:?}"))),
         }
@@ -155,7 +192,7 @@ impl Pushes {
     async fn scalar(&mut self, line: &[u8]) -> io::Result<Value> {
         let (kind, rest) = line.split_first().ok_or_else(|| protocol("empty line".into()))?;
         match kind {
-            b'+' => Ok(Value::Simple),
+            b'+' => Ok(Value::Simple(rest.to_vec())),
             b'-' => Ok(Value::Error(String::from_utf8_lossy(rest).into_owned())),
             b':' => number(rest).map(|_| Value::Int),
             b'$' => {
@@ -194,10 +231,10 @@ impl Pushes {
     }
 }
 
-/// A RESP2 value; simple strings and integers carry nothing pub/sub needs.
+/// A RESP2 value; integers carry nothing pub/sub needs.
 #[derive(Debug)]
 enum Value {
-    Simple,
+    Simple(Vec<u8>),
     Error(String),
     Int,
     Bulk(Vec<u8>),
@@ -220,6 +257,7 @@ fn to_push(items: Vec<Value>) -> io::Result<Push> {
             other => Err(protocol(format!("malformed message push: {other:?}"))),
         },
         b"subscribe" | b"unsubscribe" => Ok(Push::Confirmed),
+        b"pong" => Ok(Push::Pong),
         other => Err(protocol(format!(
             "unexpected push {:?} on the bus",
             String::from_utf8_lossy(other)
@@ -249,6 +287,9 @@ fn protocol(message: String) -> io::Error {
 mod tests {
     use super::*;
 
+    /// The connect bound of tests against servers that do answer.
+    const BOUND: Duration = Duration::from_secs(5);
+
     /// A server that reads one request, writes `answer`, ends its side, and
     /// returns the request once the client has gone.
     async fn fake_redis(answer: Vec<u8>) -> (ConnectionInfo, tokio::task::JoinHandle<Vec<u8>>, String) {
@@ -273,7 +314,7 @@ mod tests {
     /// would read them.
     async fn parse(bytes: &[u8]) -> Vec<io::Result<Push>> {
         let (info, server, _) = fake_redis([b"+PONG\r\n", bytes].concat()).await;
-        let (commands, mut pushes) = connect(&info).await.unwrap();
+        let (commands, mut pushes) = connect(&info, BOUND).await.unwrap();
         let mut out = Vec::new();
         loop {
             let push = pushes.next().await;
@@ -293,7 +334,7 @@ mod tests {
     async fn auth_against(url_user: &str, answer: &'static [u8]) -> (io::Result<()>, Vec<u8>) {
         let (_, server, addr) = fake_redis(answer.to_vec()).await;
         let info: ConnectionInfo = format!("redis://{url_user}@{addr}").parse().unwrap();
-        let result = connect(&info).await.map(drop);
+        let result = connect(&info, BOUND).await.map(drop);
         (result, server.await.unwrap())
     }
 
@@ -313,7 +354,7 @@ mod tests {
     #[tokio::test]
     async fn a_server_that_refuses_the_client_fails_the_connect() {
         let (info, server, _) = fake_redis(b"-ERR max number of clients reached\r\n".to_vec()).await;
-        let e = connect(&info).await.map(drop).unwrap_err();
+        let e = connect(&info, BOUND).await.map(drop).unwrap_err();
         assert!(e.to_string().contains("max number of clients"), "{e}");
         server.await.unwrap();
     }
@@ -348,13 +389,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_ping_answer_is_a_pong_whether_subscribed_or_not() {
+        // Subscribed (RESP2): the array ["pong", ""]; without a channel:
+        // the simple string PONG.
+        let pushes = parse(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n+PONG\r\n").await;
+        assert_eq!(pushes.len(), 3, "{pushes:?}");
+        assert_eq!(pushes[0].as_ref().unwrap(), &Push::Pong);
+        assert_eq!(pushes[1].as_ref().unwrap(), &Push::Pong);
+        assert_eq!(pushes[2].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // Any other simple string on the bus is still an error.
+        let pushes = parse(b"+OK\r\n").await;
+        assert_eq!(pushes[0].as_ref().unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn the_heartbeat_is_a_plain_ping() {
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut commands = Commands {
+            write: Box::new(client),
+        };
+        commands.ping().await.unwrap();
+        drop(commands);
+        let mut sent = Vec::new();
+        server.read_to_end(&mut sent).await.unwrap();
+        assert_eq!(sent, b"*1\r\n$4\r\nPING\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_and_never_answers_fails_the_connect_within_the_bound() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let info: ConnectionInfo = format!("redis://{}", listener.local_addr().unwrap()).parse().unwrap();
+        // Accepts and holds the socket open, answering nothing.
+        let (accepted_tx, mut accepted) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let _ = accepted_tx.send(());
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let bound = Duration::from_millis(200);
+        let started = std::time::Instant::now();
+        let e = connect(&info, bound).await.map(drop).unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(took >= bound && took < bound * 10, "gave up after {took:?}");
+        assert!(
+            accepted.try_recv().is_ok(),
+            "the connection was accepted: the PING went unanswered"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn malformed_or_oversized_input_is_an_error_not_a_panic_or_an_allocation() {
         for bad in [
             &b"*3\r\n$7\r\nmessage\r\n$3\r\nu:1\r\n$999999999999\r\n"[..],
             b"*99999999\r\n",
             b"-ERR something\r\n",
             b"*3\r\n$7\r\nmessage\r\n$3\r\nu:1\r\n$4\r\nab\r\n",
-            b"*1\r\n$4\r\npong\r\n",
+            b"*1\r\n$7\r\nunknown\r\n",
             b"?\r\n",
         ] {
             let pushes = parse(bad).await;

@@ -17,6 +17,15 @@
 //! circle, however full each queue is. A confirmation does queue behind the
 //! publications the shard has not taken yet, so an overloaded shard also
 //! slows the handshakes that wait for it.
+//!
+//! A dead link (a network split, a host gone without FIN or RST) is found
+//! by a heartbeat: the supervisor PINGs every `heartbeat`, and the reader
+//! gives the connection up once it has waited on the socket for
+//! `DEAD_AFTER_BEATS` intervals without a frame. Only its waits on the
+//! socket are timed, never its waits on the shard, so a shard working
+//! through a backlog (frames already in the socket) is never taken for a
+//! dead link. Every wait of the supervisor on Redis is bounded too: a
+//! connect by `connect_timeout`, a write by the dead-link time.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -29,6 +38,29 @@ use super::resp::{self, Commands, Push, Pushes};
 use super::Origin;
 use crate::hub::{BusDown, Hub, Interest};
 
+/// How the subscribers watch their connections.
+#[derive(Debug, Clone, Copy)]
+pub struct BusSettings {
+    /// `GATEWAY_BUS_HEARTBEAT_MS`: a live connection is PINGed this often;
+    /// one silent for `DEAD_AFTER_BEATS` intervals is given up.
+    pub heartbeat: Duration,
+    /// Bound of one connect (TCP or Unix, AUTH, PING and re-subscribing):
+    /// `GATEWAY_REDIS_TIMEOUT_MS`, as for the command connections.
+    pub connect_timeout: Duration,
+}
+
+impl BusSettings {
+    /// How long a reader waits on a silent socket, and a write may block,
+    /// before the connection counts as lost.
+    fn dead_after(&self) -> Duration {
+        self.heartbeat * DEAD_AFTER_BEATS
+    }
+}
+
+/// Heartbeats a connection may miss before it counts as lost: one late
+/// answer is not a dead link, three in a row are.
+const DEAD_AFTER_BEATS: u32 = 3;
+
 /// Starts the supervisor of shard `shard`; it runs until `shutdown`.
 pub fn spawn(
     client: redis::Client,
@@ -36,6 +68,7 @@ pub fn spawn(
     hub: Hub,
     origin: Origin,
     interest: mpsc::Receiver<Interest>,
+    settings: BusSettings,
     shutdown: CancellationToken,
 ) {
     let supervisor = Supervisor {
@@ -43,9 +76,14 @@ pub fn spawn(
         shard,
         hub,
         origin,
+        settings,
         channels: HashSet::new(),
         live: None,
         waiting: Vec::new(),
+        retry: Retry {
+            wait: BACKOFF_MIN,
+            at: Instant::now(),
+        },
     };
     tokio::spawn(supervisor.run(interest, shutdown));
 }
@@ -55,21 +93,25 @@ struct Supervisor {
     shard: usize,
     hub: Hub,
     origin: Origin,
+    settings: BusSettings,
     channels: HashSet<String>,
     live: Option<Live>,
     /// Barriers waiting for confirmations: answered once the connection has
     /// confirmed this many channel changes.
     waiting: Vec<(u64, oneshot::Sender<Result<(), BusDown>>)>,
+    retry: Retry,
 }
 
-/// The current connection: its writing half, its reader task, and how many
+/// The current connection: its writing half, its reader task, how many
 /// channel changes were sent on it and confirmed so far (the count closes
-/// when the reader ends, i.e. when the connection is gone).
+/// when the reader ends, i.e. when the connection is gone), and when to
+/// PING it next.
 struct Live {
     commands: Commands,
     sent: u64,
     confirmed: watch::Receiver<u64>,
     reader: tokio::task::AbortHandle,
+    ping_at: Instant,
 }
 
 /// When to try connecting again: 50 ms after a failure, doubling to 2 s,
@@ -101,14 +143,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Supervisor {
     async fn run(mut self, mut interest: mpsc::Receiver<Interest>, shutdown: CancellationToken) {
-        let mut retry = Retry {
-            wait: BACKOFF_MIN,
-            at: Instant::now(),
-        };
         loop {
-            if self.live.is_none() && Instant::now() >= retry.at && !self.reconnect().await {
-                retry.failed();
+            if self.live.is_none() && Instant::now() >= self.retry.at {
+                self.reconnect().await;
             }
+            let ping_at = self.live.as_ref().map(|live| live.ping_at);
             tokio::select! {
                 cmd = interest.recv() => match cmd {
                     Some(cmd) => self.handle(cmd, &mut interest).await,
@@ -116,7 +155,7 @@ impl Supervisor {
                 },
                 confirmed = next_confirmation(&mut self.live) => {
                     if confirmed {
-                        retry.succeeded();
+                        self.retry.succeeded();
                         self.answer_confirmed();
                     } else {
                         tracing::warn!(shard = self.shard, "bus subscriber lost redis; reconnecting");
@@ -125,13 +164,33 @@ impl Supervisor {
                         // Sessions waiting at their handshake get 503 now
                         // rather than wait for Redis to come back.
                         self.fail_waiting();
-                        retry.failed();
+                        self.retry.failed();
                     }
                 }
-                _ = tokio::time::sleep_until(retry.at), if self.live.is_none() => {}
+                _ = sleep_until_some(ping_at) => self.heartbeat().await,
+                _ = tokio::time::sleep_until(self.retry.at), if self.live.is_none() => {}
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// PINGs the connection; its answer (or its absence) is the reader's.
+    async fn heartbeat(&mut self) {
+        let bound = self.settings.dead_after();
+        let Some(live) = &mut self.live else { return };
+        live.ping_at = Instant::now() + self.settings.heartbeat;
+        if let Err(e) = bounded(bound, live.commands.ping()).await {
+            self.write_failed(e);
+        }
+    }
+
+    /// A write on the connection failed or blocked past the dead-link time:
+    /// it is abandoned (its barriers wait for the next connection, or fail
+    /// with it).
+    fn write_failed(&mut self, e: std::io::Error) {
+        tracing::warn!(shard = self.shard, error = %e, "bus write failed; will resubscribe on reconnect");
+        metrics::counter!("gateway_bus_reconnects_total").increment(1);
+        self.disconnect();
     }
 
     /// Handles `first` and whatever else the shard has queued (up to a
@@ -165,6 +224,7 @@ impl Supervisor {
                 next = interest.try_recv().ok();
             }
         }
+        let bound = self.settings.dead_after();
         if let Some(live) = &mut self.live {
             let subscribe: Vec<&str> = subscribe.iter().map(String::as_str).collect();
             let unsubscribe: Vec<&str> = unsubscribe.iter().map(String::as_str).collect();
@@ -172,12 +232,9 @@ impl Supervisor {
                 live.commands.subscribe(&subscribe).await?;
                 live.commands.unsubscribe(&unsubscribe).await
             };
-            match sent.await {
+            match bounded(bound, sent).await {
                 Ok(()) => live.sent += (subscribe.len() + unsubscribe.len()) as u64,
-                Err(e) => {
-                    tracing::warn!(error = %e, "subscription change failed; will resubscribe on reconnect");
-                    self.disconnect();
-                }
+                Err(e) => self.write_failed(e),
             }
         }
         if barriers.is_empty() {
@@ -187,18 +244,31 @@ impl Supervisor {
         self.waiting.extend(barriers.into_iter().map(|ready| (target, ready)));
         // Without a connection, one that subscribes everything wanted (this
         // batch included) re-targets the barriers; failing, it answers them.
-        if self.live.is_some() || self.reconnect().await {
+        // While backing off from a failed attempt the barriers fail at once:
+        // a burst of handshakes during an outage must neither hammer Redis
+        // with connects nor hold the supervisor a connect bound per batch.
+        let connected = match self.live {
+            Some(_) => true,
+            None if Instant::now() >= self.retry.at => self.reconnect().await,
+            None => {
+                self.fail_waiting();
+                false
+            }
+        };
+        if connected {
             self.answer_confirmed();
         }
     }
 
-    /// `connect`, answering the waiting barriers with `BusDown` if it fails.
+    /// `connect`, within the connect bound; if it fails, answers the waiting
+    /// barriers with `BusDown` and backs off.
     async fn reconnect(&mut self) -> bool {
         match self.connect().await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(shard = self.shard, error = %e, "bus subscriber cannot reach redis");
                 self.fail_waiting();
+                self.retry.failed();
                 false
             }
         }
@@ -223,14 +293,23 @@ impl Supervisor {
     }
 
     /// Opens a new connection subscribed to every channel wanted, in place
-    /// of the current one. Barriers still waiting now wait for the new
-    /// connection's subscriptions.
+    /// of the current one, all within the connect bound. Barriers still
+    /// waiting now wait for the new connection's subscriptions.
     async fn connect(&mut self) -> std::io::Result<()> {
         self.disconnect();
-        let (mut commands, pushes) = resp::connect(self.client.get_connection_info()).await?;
+        let bound = self.settings.connect_timeout;
+        let deadline = Instant::now() + bound;
+        let (mut commands, pushes) = resp::connect(self.client.get_connection_info(), bound).await?;
         let channels: Vec<&str> = self.channels.iter().map(String::as_str).collect();
-        for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
-            commands.subscribe(chunk).await?;
+        let subscribed = async {
+            for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
+                commands.subscribe(chunk).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        match tokio::time::timeout_at(deadline, subscribed).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("re-subscribing", bound)),
         }
         let sent = channels.len() as u64;
         let (confirmed_tx, confirmed) = watch::channel(0);
@@ -240,6 +319,7 @@ impl Supervisor {
             hub: self.hub.clone(),
             origin: self.origin.clone(),
             confirmed: confirmed_tx,
+            dead_after: self.settings.dead_after(),
         };
         let task = tokio::spawn(reader.run());
         for (target, _) in &mut self.waiting {
@@ -250,6 +330,7 @@ impl Supervisor {
             sent,
             confirmed,
             reader: task.abort_handle(),
+            ping_at: Instant::now() + self.settings.heartbeat,
         });
         Ok(())
     }
@@ -273,6 +354,29 @@ async fn next_confirmation(live: &mut Option<Live>) -> bool {
     }
 }
 
+/// Resolves at `at`; never, without it.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `io` unless it takes longer than `bound`.
+async fn bounded(bound: Duration, io: impl std::future::Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+    match tokio::time::timeout(bound, io).await {
+        Ok(result) => result,
+        Err(_) => Err(timed_out("a write", bound)),
+    }
+}
+
+fn timed_out(what: &str, bound: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} on the bus connection took over {bound:?}"),
+    )
+}
+
 /// The reading half's task; its end (dropping `confirmed`) tells the
 /// supervisor the connection is gone.
 struct Reader {
@@ -281,12 +385,25 @@ struct Reader {
     hub: Hub,
     origin: Origin,
     confirmed: watch::Sender<u64>,
+    /// A wait on the socket longer than this (several heartbeats without
+    /// an answer) ends the connection.
+    dead_after: Duration,
 }
 
 impl Reader {
     async fn run(mut self) {
         loop {
-            match self.pushes.next().await {
+            // Only this wait is timed: a wait in `deliver` is the shard's,
+            // and the frames behind it are already in the socket.
+            let Ok(push) = tokio::time::timeout(self.dead_after, self.pushes.next()).await else {
+                tracing::warn!(
+                    shard = self.shard,
+                    silent_for = ?self.dead_after,
+                    "bus connection silent past its heartbeats; taking it for dead"
+                );
+                return;
+            };
+            match push {
                 Ok(Push::Message { channel, payload }) => match super::decode(&channel, &payload, &self.origin) {
                     Ok(delivery) => self.hub.deliver(self.shard, delivery).await,
                     Err(e) => {
@@ -295,6 +412,7 @@ impl Reader {
                     }
                 },
                 Ok(Push::Confirmed) => self.confirmed.send_modify(|n| *n += 1),
+                Ok(Push::Pong) => {}
                 Err(e) => {
                     if e.kind() != std::io::ErrorKind::UnexpectedEof {
                         tracing::warn!(shard = self.shard, error = %e, "bus connection failed");
@@ -303,5 +421,109 @@ impl Reader {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU8;
+    use std::sync::Arc;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::hub::{Conn, Outbound};
+
+    /// A publication to `user` as Redis pushes it to a subscriber.
+    fn publication(user: uuid::Uuid, n: i64) -> Vec<u8> {
+        let payload = rmp_serde::to_vec(&(
+            "m",
+            Origin::new().of(1),
+            uuid::Uuid::now_v7().to_string(),
+            uuid::Uuid::now_v7().to_string(),
+            user.to_string(),
+            uuid::Uuid::now_v7().to_string(),
+            n,
+            "hi",
+            1000i64,
+        ))
+        .unwrap();
+        let channel = format!("u:{user}");
+        let mut frame = format!(
+            "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n",
+            channel.len(),
+            payload.len()
+        )
+        .into_bytes();
+        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(b"\r\n");
+        frame
+    }
+
+    // Real time (tokio's test-util clock is not enabled in this workspace),
+    // so the dead-link time is short.
+    #[tokio::test]
+    async fn a_shard_busy_far_past_the_heartbeats_is_no_dead_link_but_a_silent_socket_is() {
+        let dead_after = Duration::from_millis(300);
+        // One shard whose bus side nobody reads yet: attaching a user fills
+        // the interest queue, and the shard stalls on the barrier behind it.
+        let (interest_tx, mut interest) = mpsc::channel(1);
+        let queue_full = interest_tx.clone();
+        let hub = Hub::start(vec![interest_tx], 1);
+        let user = uuid::Uuid::new_v4();
+        let (out_tx, mut out) = mpsc::channel(64);
+        let conn = Conn::new(1, user, out_tx, Arc::new(AtomicU8::new(0)), CancellationToken::new());
+        let attached = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.attach_user(conn).await }
+        });
+        while queue_full.capacity() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(queue_full);
+
+        // Ten publications already in the socket.
+        let (mut redis, socket) = tokio::io::duplex(64 * 1024);
+        for n in 0..10 {
+            redis.write_all(&publication(user, n)).await.unwrap();
+        }
+        let (confirmed_tx, confirmed) = watch::channel(0);
+        let reader = tokio::spawn(
+            Reader {
+                pushes: Pushes::from_reader(socket),
+                shard: 0,
+                hub: hub.clone(),
+                origin: Origin::new(),
+                confirmed: confirmed_tx,
+                dead_after,
+            }
+            .run(),
+        );
+
+        // The reader waits on the stalled shard for five times the dead-link
+        // time, and is still there.
+        tokio::time::sleep(dead_after * 5).await;
+        assert!(!reader.is_finished(), "a busy shard was taken for a dead link");
+        // The shard moves again and gets all ten, read from the socket.
+        assert!(matches!(interest.recv().await, Some(Interest::Subscribe(_))));
+        let Some(Interest::Barrier(ready)) = interest.recv().await else {
+            panic!("no barrier")
+        };
+        ready.send(Ok(())).unwrap();
+        attached.await.unwrap().unwrap();
+        for _ in 0..10 {
+            assert!(matches!(out.recv().await, Some(Outbound::Frame(_))));
+        }
+        assert!(!reader.is_finished());
+
+        // Then nothing comes on the socket: given up after the dead-link time.
+        let silent = Instant::now();
+        tokio::time::timeout(dead_after * 5, reader)
+            .await
+            .expect("the reader gave up a silent socket")
+            .unwrap();
+        assert!(silent.elapsed() >= dead_after, "{:?}", silent.elapsed());
+        assert!(confirmed.has_changed().is_err(), "the supervisor learns of it");
+        drop(redis);
     }
 }

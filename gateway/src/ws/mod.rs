@@ -15,6 +15,7 @@ pub mod upgrade;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
@@ -34,13 +35,29 @@ pub enum OpenError {
     Draining,
     #[error("redis unavailable")]
     Unavailable,
+    /// The subscriptions or the read of the user's groups took too long.
+    #[error("the node could not open the connection within {0:?}")]
+    TimedOut(Duration),
     #[error(transparent)]
     Refused(#[from] ConnRefused),
 }
 
 /// Registers a new connection of `identity` and returns its session, ready
-/// to run on the upgraded socket.
+/// to run on the upgraded socket. Gives up after
+/// `GATEWAY_HANDSHAKE_TIMEOUT_SECS`: the handshake then gets 503 rather
+/// than hold the client (and its connection slot) on a bus or a Redis that
+/// does not answer.
 pub async fn open(svc: Arc<Services>, identity: Identity) -> Result<Session, OpenError> {
+    let bound = svc.config.handshake_timeout;
+    // Given up half-way, `register`'s session is dropped, and its Drop
+    // undoes what was registered so far.
+    match tokio::time::timeout(bound, register(svc, identity)).await {
+        Ok(opened) => opened,
+        Err(_) => Err(OpenError::TimedOut(bound)),
+    }
+}
+
+async fn register(svc: Arc<Services>, identity: Identity) -> Result<Session, OpenError> {
     if svc.shutdown.is_cancelled() {
         return Err(OpenError::Draining);
     }

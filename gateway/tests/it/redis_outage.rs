@@ -175,3 +175,194 @@ async fn a_send_without_an_id_whose_answer_came_too_late_is_acked_once_because_r
     assert_eq!(got["id"], reply["id"], "{got}");
     bob_0.expect_none("message", Duration::from_millis(300)).await;
 }
+
+#[tokio::test]
+async fn a_silent_redis_link_is_found_dead_by_the_bus_heartbeat_and_handshakes_get_503_meanwhile() {
+    // Gateway 0 talks to Redis directly; gateway 1 through a proxy that can
+    // turn into a black hole (a network split, a host gone without FIN or
+    // RST): its sockets stay open and nothing comes back.
+    const HEARTBEAT_MS: u64 = 200;
+    const OPEN_BOUND: Duration = Duration::from_secs(3);
+    let mut stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let proxy = harness::Proxy::start(([127, 0, 0, 1], stack.redis.port()).into()).await;
+    let gw = stack
+        .add_gateway(&[
+            ("REDIS_URL", &proxy.redis_url()),
+            ("GATEWAY_BUS_HEARTBEAT_MS", &HEARTBEAT_MS.to_string()),
+            ("GATEWAY_HANDSHAKE_TIMEOUT_SECS", &OPEN_BOUND.as_secs().to_string()),
+        ])
+        .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_0 = stack.connect(0, alice).await;
+    let mut bob_1 = stack.connect(gw, bob).await;
+    let ack = alice_0.send_message_to(bob, "before").await;
+    assert!(receives(&mut bob_1, &ack["id"], DEFAULT_TIMEOUT).await);
+    let reconnects_before = stack.metric(gw, "gateway_bus_reconnects_total", "").await;
+
+    proxy.black_hole();
+
+    // Nothing closes the bus's sockets: only the heartbeat's missing
+    // answers tell the gateway they are dead, within about 3 intervals.
+    let found_dead = Instant::now();
+    stack
+        .eventually("bus reconnect on gateway 1", Duration::from_secs(5), async || {
+            let n = stack.metric(gw, "gateway_bus_reconnects_total", "").await;
+            (n > reconnects_before).then_some(())
+        })
+        .await;
+    println!(
+        "black hole found dead by the heartbeat after {:?}",
+        found_dead.elapsed()
+    );
+
+    // A handshake is answered 503 within the bound rather than left
+    // hanging on a subscription no one will confirm.
+    let started = Instant::now();
+    let refused = stack.try_connect_raw(gw, Some(&stack.token(harness::user()))).await;
+    let took = started.elapsed();
+    assert_eq!(refused.err(), Some(503), "a handshake during the black hole");
+    assert!(took <= OPEN_BOUND + Duration::from_secs(1), "the 503 took {took:?}");
+    println!("handshake during the black hole: 503 after {took:?}");
+
+    // New connections get through again; the old ones stay black holes.
+    proxy.restore();
+
+    // The bus is back on its own: a message from the other gateway reaches
+    // Bob live, though the socket it was on is still open and silent.
+    let deadline = Instant::now() + RECOVERY;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let ack = alice_0.send_message_to(bob, &format!("after {attempt}")).await;
+        if receives(&mut bob_1, &ack["id"], Duration::from_secs(1)).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message reached Bob on gateway 1 within {RECOVERY:?} of the black hole ending"
+        );
+    }
+
+    // The command connections (redis-rs's ConnectionManager) reconnect on a
+    // connection error, not on a timeout: they stay on their silent sockets
+    // until those close. What a handshake meets before that:
+    let (status, took) = {
+        let started = Instant::now();
+        let r = stack.try_connect_raw(gw, Some(&stack.token(harness::user()))).await;
+        (r.err(), started.elapsed())
+    };
+    println!("handshake with the command connections still on the silent sockets: {status:?} after {took:?}");
+    // The kernel gives up on them (or the peer answers RST) in the end.
+    proxy.close_black_holed();
+
+    // A new handshake on gateway 1 succeeds, and two users there talk live.
+    let carol = harness::user();
+    let mut carol_1 = connect_once_recovered(&stack, gw, carol, "a handshake after the black hole").await;
+    let deadline = Instant::now() + RECOVERY;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let reply = bob_1
+            .request(send(carol, Uuid::new_v4(), &format!("bob to carol {attempt}")))
+            .await;
+        if reply["type"] == "ack" && receives(&mut carol_1, &reply["id"], Duration::from_secs(1)).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message from Bob reached Carol on gateway 1 within {RECOVERY:?}; last reply {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ack = carol_1.send_message_to(bob, "and back").await;
+    assert!(receives(&mut bob_1, &ack["id"], DEFAULT_TIMEOUT).await);
+}
+
+#[tokio::test]
+async fn a_handshake_waiting_on_a_bus_that_has_not_noticed_the_black_hole_gets_503_at_the_handshake_timeout() {
+    // A heartbeat slow enough (dead after 3 s) that the handshake's own
+    // bound (1 s) answers first; one connection per user, so a slot the
+    // abandoned handshake kept would refuse the user's next one.
+    let mut stack = Stack::start(StackOptions {
+        gateways: 0,
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let proxy = harness::Proxy::start(([127, 0, 0, 1], stack.redis.port()).into()).await;
+    let gw = stack
+        .add_gateway(&[
+            ("REDIS_URL", &proxy.redis_url()),
+            ("GATEWAY_BUS_HEARTBEAT_MS", "1000"),
+            ("GATEWAY_HANDSHAKE_TIMEOUT_SECS", "1"),
+            ("GATEWAY_MAX_CONNS_PER_USER", "1"),
+        ])
+        .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_0 = stack.connect(gw, alice).await;
+    let reconnects_before = stack.metric(gw, "gateway_bus_reconnects_total", "").await;
+
+    proxy.black_hole();
+    let started = Instant::now();
+    let refused = stack.try_connect_raw(gw, Some(&stack.token(bob))).await;
+    let took = started.elapsed();
+    assert_eq!(refused.err(), Some(503), "a handshake into the black hole");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(2),
+        "answered after {took:?}, not at the 1 s handshake timeout"
+    );
+    let reconnects = stack.metric(gw, "gateway_bus_reconnects_total", "").await;
+    assert_eq!(
+        reconnects, reconnects_before,
+        "the premise: the bus had not noticed yet"
+    );
+    println!("handshake into a black hole not yet noticed: 503 after {took:?}");
+
+    // Redis comes back (and the silent sockets close in the end, for the
+    // command connections: see the test above). Bob's next handshake gets
+    // his only slot, and Alice and Bob talk live.
+    proxy.restore();
+    stack
+        .eventually("bus reconnect", Duration::from_secs(10), async || {
+            let n = stack.metric(gw, "gateway_bus_reconnects_total", "").await;
+            (n > reconnects_before).then_some(())
+        })
+        .await;
+    proxy.close_black_holed();
+    let mut bob_0 = connect_once_recovered(&stack, gw, bob, "Bob's handshake after the black hole").await;
+    let deadline = Instant::now() + RECOVERY;
+    loop {
+        let reply = alice_0.request(send(bob, Uuid::new_v4(), "hello")).await;
+        if reply["type"] == "ack" && receives(&mut bob_0, &reply["id"], Duration::from_secs(1)).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message reached Bob within {RECOVERY:?}; last reply {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Opens a connection of `user` on gateway `gw`, retrying while the
+/// handshake answers 503 (the node still recovering), for up to `RECOVERY`.
+async fn connect_once_recovered(stack: &Stack, gw: usize, user: Uuid, what: &str) -> Client {
+    let deadline = Instant::now() + RECOVERY;
+    let mut client = loop {
+        match stack.try_connect_raw(gw, Some(&stack.token(user))).await {
+            Ok(client) => break client,
+            Err(status) => {
+                assert_eq!(status, 503, "{what}");
+                assert!(Instant::now() < deadline, "{what}: none succeeded within {RECOVERY:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    client.user = Some(user);
+    client
+}

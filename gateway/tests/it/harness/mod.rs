@@ -28,6 +28,7 @@ pub mod api;
 pub mod client;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,7 @@ pub use self::api::Api;
 pub use self::client::{Client, ConnectOptions};
 pub use self::postgres::{Database, Postgres};
 pub use self::process::{Gateway, Persister};
+pub use self::proxy::Proxy;
 pub use self::redis::Redis;
 
 /// How long any single wait lasts unless the test says otherwise.
