@@ -137,10 +137,11 @@ impl Queue {
             .arg(self.settings.cache_ttl_secs)
             .arg(slot.map(|s| s.bytes.as_slice()).unwrap_or_default())
             .arg(slot.map(|s| s.at).unwrap_or_default());
-        let mut conn = self.redis.pick();
+        let mut picked = self.redis.pick();
+        let slot = picked.slot();
         let failed = match self
             .redis
-            .timed(self.script.call_on::<Vec<String>>(&mut conn, &call))
+            .timed(slot, self.script.call_on::<Vec<String>>(&mut picked.conn, &call))
             .await
         {
             Ok(reply) => return parse_reply(id, &reply),
@@ -153,7 +154,8 @@ impl Queue {
         // accepted, and a resend without an `id` would be a second message.
         // So ask, on the same connection and after the script, whether it
         // recorded this id for this sender.
-        match self.accepted_meanwhile(&mut conn, id, from).await {
+        // (The old connection even when a timeout has it replaced.)
+        match self.accepted_meanwhile(&mut picked.conn, slot, id, from).await {
             Some(accepted) => {
                 tracing::info!(%id, error = %failed, "the accept script's answer was lost, but it had accepted the message");
                 Ok(accepted)
@@ -163,10 +165,17 @@ impl Queue {
     }
 
     /// The message `id` of `from`, if the accept script recorded it.
-    async fn accepted_meanwhile(&self, conn: &mut ConnectionManager, id: MessageId, from: UserId) -> Option<Accepted> {
+    async fn accepted_meanwhile(
+        &self,
+        conn: &mut ConnectionManager,
+        slot: usize,
+        id: MessageId,
+        from: UserId,
+    ) -> Option<Accepted> {
         let fields: Vec<Option<String>> = self
             .redis
             .timed(
+                slot,
                 redis::cmd("HMGET")
                     .arg(keys::message(id))
                     .arg(&["from", "chat", "seq", "ts", "to"])

@@ -1,13 +1,16 @@
 //! A small pool of multiplexed Redis connections for commands and scripts.
 //!
-//! Owns connection setup, reconnection (redis-rs's ConnectionManager
-//! reconnects by itself) and the per-call timeout. Several connections, so no
+//! Owns connection setup, reconnection and the per-call timeout. redis-rs's
+//! ConnectionManager reconnects by itself after a connection error, but not
+//! after a timeout: on a link that went silent (a host gone, a network
+//! split: no FIN) it would wait until the kernel gives up, for minutes. So a
+//! connection whose call timed out is replaced in the background. Several connections, so no
 //! single socket or task carries every command of the node; callers pick one
 //! by a key (the chat) or round robin. It never subscribes: pub/sub has its own
 //! connections in `bus::subscriber`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -31,9 +34,30 @@ pub struct RedisPool {
 
 struct Inner {
     client: redis::Client,
-    conns: Vec<ConnectionManager>,
+    config: ConnectionManagerConfig,
+    slots: Vec<Slot>,
     next: AtomicUsize,
     timeout: Duration,
+}
+
+/// One connection of the pool. The lock is held only to clone or swap the
+/// handle, never across an `.await`.
+struct Slot {
+    conn: Mutex<ConnectionManager>,
+    /// A replacement is being connected.
+    replacing: AtomicBool,
+}
+
+/// A connection picked for a call, and its place in the pool.
+pub(crate) struct Picked {
+    slot: usize,
+    pub conn: ConnectionManager,
+}
+
+impl Picked {
+    pub(crate) fn slot(&self) -> usize {
+        self.slot
+    }
 }
 
 impl RedisPool {
@@ -46,17 +70,21 @@ impl RedisPool {
             .set_connection_timeout(timeout)
             .set_number_of_retries(2)
             .set_max_delay(500);
-        let mut conns = Vec::with_capacity(size);
+        let mut slots = Vec::with_capacity(size);
         for _ in 0..size {
             let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
                 .await
                 .map_err(|e| RedisError::Unavailable(e.to_string()))?;
-            conns.push(conn);
+            slots.push(Slot {
+                conn: Mutex::new(conn),
+                replacing: AtomicBool::new(false),
+            });
         }
         Ok(RedisPool {
             inner: Arc::new(Inner {
                 client,
-                conns,
+                config,
+                slots,
                 next: AtomicUsize::new(0),
                 timeout,
             }),
@@ -68,21 +96,50 @@ impl RedisPool {
         &self.inner.client
     }
 
-    pub(crate) fn pick(&self) -> ConnectionManager {
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
-        self.inner.conns[i].clone()
+    pub(crate) fn pick(&self) -> Picked {
+        let slot = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
+        let conn = self.inner.slots[slot]
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Picked { slot, conn }
     }
 
     /// Runs a script (EVALSHA, loading it again after a Redis restart).
     pub async fn run<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T, RedisError> {
-        let mut conn = self.pick();
-        self.timed(invocation.invoke_async(&mut conn)).await
+        let mut picked = self.pick();
+        let slot = picked.slot;
+        self.timed(slot, invocation.invoke_async(&mut picked.conn)).await
     }
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let mut conn = self.pick();
-        self.timed(cmd.query_async(&mut conn)).await
+        let mut picked = self.pick();
+        let slot = picked.slot;
+        self.timed(slot, cmd.query_async(&mut picked.conn)).await
+    }
+
+    /// Connects a new connection for `slot` in the background and puts it
+    /// in place of the old one (which closes once the calls on it are done).
+    fn replace(&self, slot: usize) {
+        if self.inner.slots[slot].replacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let fresh = ConnectionManager::new_with_config(inner.client.clone(), inner.config.clone()).await;
+            let slot = &inner.slots[slot];
+            match fresh {
+                Ok(conn) => {
+                    *slot.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+                    metrics::counter!("gateway_redis_reconnects_total").increment(1);
+                }
+                // The old connection stays; the next timeout tries again.
+                Err(e) => tracing::warn!(error = %e, "could not replace a Redis connection that timed out"),
+            }
+            slot.replacing.store(false, Ordering::Release);
+        });
     }
 
     /// Answers whether Redis replies to PING within the timeout.
@@ -90,13 +147,23 @@ impl RedisPool {
         self.query::<String>(&redis::cmd("PING")).await.is_ok()
     }
 
+    /// Awaits `fut`, a call on the connection of `slot`, within the timeout;
+    /// a call that timed out has that connection replaced.
     pub(crate) async fn timed<T>(
         &self,
+        slot: usize,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, RedisError> {
         let result = match tokio::time::timeout(self.inner.timeout, fut).await {
-            Err(_) => Err(RedisError::Timeout(self.inner.timeout)),
+            Err(_) => {
+                self.replace(slot);
+                Err(RedisError::Timeout(self.inner.timeout))
+            }
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => {
+                self.replace(slot);
+                Err(RedisError::Unavailable(e.to_string()))
+            }
             Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
                 Err(RedisError::Unavailable(e.to_string()))
             }

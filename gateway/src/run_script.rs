@@ -86,8 +86,9 @@ impl RunScript {
     /// Runs the script (EVALSHA), loading it first when this run of Redis
     /// does not have it.
     pub async fn call<T: FromRedisValue>(&self, redis: &RedisPool, call: &ScriptCall) -> Result<T, RedisError> {
-        let mut conn = redis.pick();
-        redis.timed(self.call_on(&mut conn, call)).await
+        let mut picked = redis.pick();
+        let slot = picked.slot();
+        redis.timed(slot, self.call_on(&mut picked.conn, call)).await
     }
 
     /// Runs the script on the connection `conn` (for a caller that sends
