@@ -6,8 +6,17 @@
 //! the sets, appends a job to the queue stream (so the persister keeps
 //! PostgreSQL's copy) and publishes `joined` / `left` on the bus, in one
 //! atomic step. Keys: `chat:<id>:meta` (hash: kind, title, visibility,
-//! created_by, a/b for private chats, mver), `chat:<id>:members` (set),
-//! `user:<id>:chats` (set of groups), `user:<id>:dms` (set of private chats).
+//! created_by, a/b for private chats, mver and mrid), `chat:<id>:members`
+//! (set), `user:<id>:chats` (set of groups), `user:<id>:dms` (set of private
+//! chats).
+//!
+//! The membership version `mver` orders a chat's changes for the persister,
+//! which stores a membership only when its version is newer. It is tagged
+//! with the Redis run that last advanced it (`mrid`) and jumps by the
+//! restart gap after a restart, exactly like the seq counter, so a change
+//! after a restart that lost the last changes never reuses a stored version
+//! (docs/architecture.md, Ordering). Hence the two scripts that write it
+//! run through [`RunScript`].
 
 use std::sync::Arc;
 
@@ -19,6 +28,7 @@ use shared::protocol::ErrorCode;
 use shared::queue::STREAM;
 
 use crate::redis_pool::{RedisError, RedisPool};
+use crate::run_script::{RunScript, ScriptCall};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -64,22 +74,28 @@ pub struct ChatSummary {
 pub struct Chats {
     redis: RedisPool,
     scripts: Arc<Scripts>,
+    /// How far a membership version jumps after a Redis restart
+    /// (`CHAT_SEQ_RESTART_GAP`, the seq counter's gap).
+    restart_gap: u64,
 }
 
 struct Scripts {
-    membership: Script,
-    create: Script,
+    membership: RunScript,
+    create: RunScript,
     access: Script,
     list: Script,
 }
 
 impl Chats {
-    pub fn new(redis: RedisPool) -> Chats {
+    /// `restart_gap`: how far a chat's membership version jumps at its
+    /// first change after a Redis restart.
+    pub fn new(redis: RedisPool, restart_gap: u64) -> Chats {
         Chats {
             redis,
+            restart_gap,
             scripts: Arc::new(Scripts {
-                membership: Script::new(include_str!("scripts/membership.lua")),
-                create: Script::new(include_str!("scripts/create_chat.lua")),
+                membership: RunScript::new(include_str!("scripts/membership.lua")),
+                create: RunScript::new(include_str!("scripts/create_chat.lua")),
                 access: Script::new(include_str!("scripts/access.lua")),
                 list: Script::new(include_str!("scripts/list_chats.lua")),
             }),
@@ -95,20 +111,22 @@ impl Chats {
         members: &[UserId],
         origin: &str,
     ) -> Result<(), ChatError> {
-        let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(keys::chat_meta(chat)).key(keys::chat_members(chat)).key(STREAM);
+        let mut call = ScriptCall::new();
+        call.key(keys::chat_meta(chat))
+            .key(keys::chat_members(chat))
+            .key(STREAM);
         for m in members {
-            inv.key(keys::user_chats(*m));
+            call.key(keys::user_chats(*m));
         }
-        inv.arg(chat.to_string())
+        call.arg(chat.to_string())
             .arg(title)
             .arg(visibility)
             .arg(members[0].to_string())
             .arg(origin);
         for m in members {
-            inv.arg(m.to_string());
+            call.arg(m.to_string());
         }
-        let _: Vec<String> = self.redis.run(&inv).await?;
+        let _: Vec<String> = self.scripts.create.call(&self.redis, &call).await?;
         Ok(())
     }
 
@@ -137,8 +155,8 @@ impl Chats {
         action: &str,
         origin: &str,
     ) -> Result<Change, ChatError> {
-        let mut inv = self.scripts.membership.prepare_invoke();
-        inv.key(keys::chat_meta(chat))
+        let mut call = ScriptCall::new();
+        call.key(keys::chat_meta(chat))
             .key(keys::chat_members(chat))
             .key(keys::user_chats(user))
             .key(STREAM)
@@ -146,8 +164,9 @@ impl Chats {
             .arg(user.to_string())
             .arg(actor.to_string())
             .arg(action)
-            .arg(origin);
-        let reply: Vec<String> = self.redis.run(&inv).await?;
+            .arg(origin)
+            .arg(self.restart_gap);
+        let reply: Vec<String> = self.scripts.membership.call(&self.redis, &call).await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Change::Done),
             Some("already") => Ok(Change::Already),
@@ -223,5 +242,26 @@ impl Chats {
             (Some(c), Some(seq)) if c == chat.to_string() => Some(seq),
             _ => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What `RunScript` replaces with the run id (run_script.rs).
+    const PLACEHOLDER: &str = "__REDIS_RUN_ID__";
+
+    #[test]
+    fn the_scripts_that_write_the_membership_version_know_their_redis_run() {
+        for template in [
+            include_str!("scripts/membership.lua"),
+            include_str!("scripts/create_chat.lua"),
+        ] {
+            assert_eq!(template.matches(PLACEHOLDER).count(), 1, "{template}");
+            assert!(template.contains("local run_id = __REDIS_RUN_ID__"), "{template}");
+            assert!(
+                !template.contains("HINCRBY"),
+                "mver is advanced with its run id: {template}"
+            );
+        }
     }
 }

@@ -56,8 +56,8 @@ pub struct Config {
     /// `CHAT_IDEMPOTENCY_TTL_SECS`: how long a message `id` is remembered in
     /// Redis for resends (PostgreSQL's primary key dedupes after that).
     pub idempotency_ttl_secs: u64,
-    /// `CHAT_SEQ_RESTART_GAP`: how far a chat's seq jumps after a Redis
-    /// restart (docs/architecture.md, Ordering).
+    /// `CHAT_SEQ_RESTART_GAP`: how far a chat's seq, and its membership
+    /// version, jump after a Redis restart (docs/architecture.md, Ordering).
     pub seq_restart_gap: u64,
     /// `CHAT_TYPING_INTERVAL_MS`: at most one typing event per sender and
     /// target in this interval.

@@ -141,7 +141,7 @@ impl App {
                     cache_ttl_secs: config.cache_ttl_secs,
                 },
             ),
-            chats: Chats::new(redis.clone()),
+            chats: Chats::new(redis.clone(), config.seq_restart_gap),
             typing: Typing::new(redis.clone(), config.typing_interval_ms),
             history: History::new(
                 Db::new(pool),

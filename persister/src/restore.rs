@@ -7,8 +7,12 @@
 //! first stored message) and both sides' `user:<u>:dms`, and the seq
 //! counter at the chat's last stored seq with an empty run id, so the next
 //! accepted message jumps by `CHAT_SEQ_RESTART_GAP` exactly as after a Redis
-//! restart (accept.lua). Chats with stored messages but no row get their
-//! counter only: a private chat's next message recreates the rest.
+//! restart (accept.lua). A group's membership version `mver` gets an empty
+//! run id too (`mrid`), so its next change jumps by the same gap
+//! (membership.lua): a change a persister stores after this read it
+//! (already taken from the lost queue) cannot share its version. Chats with stored messages but no row
+//! get their counter only: a private chat's next message recreates the
+//! rest.
 //!
 //! It never overwrites live state: each chat is one Lua call that writes
 //! nothing when the chat's meta hash (or, for a counter alone, the counter)
@@ -266,6 +270,8 @@ impl Call {
             ("created_by", chat.created_by.to_string()),
             ("created_at", chat.created_at.to_string()),
             ("mver", mver.to_string()),
+            // No Redis run: the next change jumps by the restart gap.
+            ("mrid", String::new()),
         ];
         let mut call = Call::new(chat.id, "group", chat.last_seq, Some(mver), &meta);
         for m in members {
@@ -666,7 +672,9 @@ mod tests {
                 "created_at",
                 "7",
                 "mver",
-                "4"
+                "4",
+                "mrid",
+                ""
             ]
         );
         assert_eq!(call.args[5 + k..], [creator.to_string(), other.to_string()]);

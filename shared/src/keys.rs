@@ -18,7 +18,7 @@ pub const CHAT_PREFIX: &str = "chat:";
 
 /// Hash: kind (`group`/`dm`), title, visibility, created_by, created_at,
 /// `a`/`b` (the two sides of a private chat), `mver` (a group's membership
-/// version).
+/// version), `mrid` (the Redis run that last advanced `mver`).
 pub fn chat_meta(chat: ChatId) -> String {
     format!("{CHAT_PREFIX}{chat}:meta")
 }

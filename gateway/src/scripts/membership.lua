@@ -4,14 +4,15 @@
 --       4 the queue stream
 -- ARGV: 1 chat  2 user (whose membership changes)  3 actor (who asks)
 --       4 action: 'join' | 'add' | 'leave' | 'may_join' (the join rule
---       alone, changing nothing)  5 origin
+--       alone, changing nothing)  5 origin  6 version gap after a Redis
+--       restart
 -- Returns {'ok'} | {'already'} | {'not_found'} | {'forbidden'}
 --
 -- join: the actor is the user; public chats only (private: forbidden).
 -- add: the actor must be a member; any visibility.
 -- leave: the user stops being a member (the gateway checks actor == user).
 local chat, user, actor, action = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local meta = redis.call('HMGET', KEYS[1], 'kind', 'visibility')
+local meta = redis.call('HMGET', KEYS[1], 'kind', 'visibility', 'mver', 'mrid')
 if not meta[1] then return {'not_found'} end
 if meta[1] ~= 'group' then return {'forbidden'} end
 local is_member = redis.call('SISMEMBER', KEYS[2], user) == 1
@@ -38,7 +39,20 @@ else
   redis.call('SREM', KEYS[2], user)
   redis.call('SREM', KEYS[3], chat)
 end
-local version = redis.call('HINCRBY', KEYS[1], 'mver', 1)
+-- The membership version (mver) is tagged with the run id of the Redis
+-- server that last advanced it (mrid), like the seq counter (accept.lua):
+-- a restart may have lost the last changes (AOF everysec) whose versions a
+-- persister already stored, and PostgreSQL ignores a version it has seen
+-- (store.rs), so after a restart the version jumps by the gap first. A
+-- chat without mrid (restore-redis, or written before mrid existed) jumps
+-- too.
+local run_id = __REDIS_RUN_ID__ -- this Redis run's id, put in at load (run_script.rs)
+local version = tonumber(meta[3]) or 0
+if meta[3] and meta[4] ~= run_id then
+  version = version + tonumber(ARGV[6])
+end
+version = version + 1
+redis.call('HSET', KEYS[1], 'mver', version, 'mrid', run_id)
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('XADD', KEYS[4], '*', 'v', '1', 'kind', 'member', 'chat', chat,

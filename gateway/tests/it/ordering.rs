@@ -317,3 +317,105 @@ async fn a_flushed_script_cache_without_a_restart_does_not_move_the_seq() {
         .expect("SCRIPT FLUSH");
     assert_eq!(seq_of_send(&mut client, bob, "after SCRIPT FLUSH").await, 2);
 }
+
+/// `user`'s row of `chat_members` for `chat`: (active, version).
+async fn membership_row(stack: &Stack, chat: Uuid, user: Uuid) -> Option<(bool, i64)> {
+    let row = stack
+        .db()
+        .await
+        .query_opt(
+            "SELECT active, version FROM chat_members WHERE chat = $1 AND user_id = $2",
+            &[&chat, &user],
+        )
+        .await
+        .expect("reading chat_members");
+    row.map(|r| (r.get(0), r.get(1)))
+}
+
+/// `owner` adds `user` to `chat` over REST, retrying while the gateway
+/// answers 503 (Redis coming back).
+async fn add_until_done(api: &Api, owner: Uuid, chat: Uuid, user: Uuid) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = api.add_member(owner, chat, user).await;
+        if status == 204 {
+            return;
+        }
+        assert_eq!(status, 503, "adding {user}: {body}");
+        assert!(Instant::now() < deadline, "adding {user}: still 503 after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the persister has stored (and deleted) every queued job.
+async fn queue_drained(stack: &Stack) {
+    let mut redis = stack.redis.connection().await;
+    stack
+        .eventually("empty chat:queue", Duration::from_secs(30), async || {
+            let len: i64 = redis::cmd("XLEN")
+                .arg(shared::queue::STREAM)
+                .query_async(&mut redis)
+                .await
+                .expect("XLEN");
+            (len == 0).then_some(())
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_that_lost_a_leave_a_rejoin_is_stored_as_active() {
+    // The membership version orders a chat's changes in PostgreSQL (a row
+    // is replaced only by a newer version), so a restart that lost the last
+    // changes must not give their versions again: they jump like the seq.
+    let mut stack = Stack::start(StackOptions {
+        redis_aof: true,
+        env: vec![("CHAT_SEQ_RESTART_GAP".into(), RESTART_GAP.to_string())],
+        ..StackOptions::default()
+    })
+    .await;
+    let api = stack.http(0);
+    let (owner, x) = (harness::user(), harness::user());
+    let (status, created) = api.create_chat(owner, "restarts", "public", &[]).await;
+    assert_eq!(status, 201, "{created}");
+    let chat = harness::canonical_uuid(&created["id"], "the chat's id");
+    // The owner is version 1; X joins (2) and leaves (3), both stored.
+    add_until_done(&api, owner, chat, x).await;
+    let (status, body) = api.remove_member(x, chat, x).await;
+    assert_eq!(status, 204, "{body}");
+    stack
+        .eventually("X's leave stored", Duration::from_secs(30), async || {
+            (membership_row(&stack, chat, x).await == Some((false, 3))).then_some(())
+        })
+        .await;
+
+    // Redis restarts having lost its last second: X's join and leave, so
+    // its membership version is back at 1 (X is not a member either way).
+    stack.redis.restart().await;
+    let meta = shared::keys::chat_meta(chat);
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg("mver")
+        .arg(1)
+        .query_async(&mut redis)
+        .await
+        .expect("setting mver back");
+
+    // X joins again: Redis has X as a member, and so must PostgreSQL.
+    add_until_done(&api, owner, chat, x).await;
+    queue_drained(&stack).await;
+    assert_eq!(
+        membership_row(&stack, chat, x).await,
+        Some((true, 1 + RESTART_GAP + 1)),
+        "the rejoin after the restart must outrank the stored leave"
+    );
+
+    // One jump per restart.
+    let (status, body) = api.remove_member(x, chat, x).await;
+    assert_eq!(status, 204, "{body}");
+    queue_drained(&stack).await;
+    assert_eq!(
+        membership_row(&stack, chat, x).await,
+        Some((false, 1 + RESTART_GAP + 2))
+    );
+}

@@ -247,6 +247,28 @@ async fn after_a_flushall_restore_redis_brings_back_every_chat_from_postgresql()
         assert!(after.windows(2).all(|w| w[0].1 < w[1].1), "seqs of {chat}: {after:?}");
     }
 
+    // A membership change jumps too (the restored mver has no run id), so
+    // it outranks every stored version: dave's rejoin is stored as active
+    // over his leave (versions: alice 1, carol 2, dave 3 and 4).
+    assert_eq!(api.add_member(alice, private, dave).await.0, 204);
+    let (client, connection) = tokio_postgres::connect(stack.db_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    stack
+        .eventually("dave's rejoin stored", STORED, async || {
+            let row = client
+                .query_one(
+                    "SELECT active, version FROM chat_members WHERE chat = $1 AND user_id = $2",
+                    &[&private, &dave],
+                )
+                .await
+                .expect("dave's membership row");
+            let now: (bool, i64) = (row.get(0), row.get(1));
+            (now == (true, 4 + RESTART_GAP + 1)).then_some(())
+        })
+        .await;
+
     // A second run finds every chat in Redis and changes nothing.
     stack
         .eventually("the new messages stored", STORED, async || {
