@@ -87,6 +87,11 @@ pub enum DeadError {
     Reply(#[from] ReplyError),
     #[error("dead letter {0} was deleted")]
     Deleted(String),
+    #[error(
+        "{0:?} is not a dead-letter id (<milliseconds>-<sequence>, as `dead-letters list` prints it); \
+         nothing was replayed"
+    )]
+    BadId(String),
 }
 
 /// One dead letter: on its way to `chat:dead`, or read back from it.
@@ -269,21 +274,43 @@ pub enum Replayed {
     Empty { dead_id: String },
 }
 
-/// Replays the dead letters with these ids, in order.
-pub async fn replay_ids<C: ConnectionLike>(conn: &mut C, ids: &[String]) -> Result<Vec<Replayed>, DeadError> {
-    let mut out = Vec::with_capacity(ids.len());
+/// Refuses anything but a complete stream id, `<ms>-<seq>`: Redis would
+/// refuse a malformed one only when its turn came (after the letters before
+/// it were moved), and would read an incomplete one (`<ms>`) as a range.
+pub fn check_id(id: &str) -> Result<(), DeadError> {
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
+    match id.split_once('-') {
+        Some((ms, seq)) if number(ms) && number(seq) => Ok(()),
+        _ => Err(DeadError::BadId(id.to_string())),
+    }
+}
+
+/// Replays the dead letters with these ids, in order, handing each outcome
+/// to `report` as soon as it is known, so a caller stopped by an error
+/// part way has seen every letter moved before it. Every id is checked
+/// first: a malformed one moves nothing at all.
+pub async fn replay_ids<C: ConnectionLike>(
+    conn: &mut C,
+    ids: &[String],
+    mut report: impl FnMut(Replayed),
+) -> Result<(), DeadError> {
+    for id in ids {
+        check_id(id)?;
+    }
     for id in ids {
         match page(conn, id, id, 1).await?.into_iter().next() {
-            Some(letter) => out.push(replay_one(conn, &letter).await?),
-            None => out.push(Replayed::Missing { dead_id: id.clone() }),
+            Some(letter) => report(replay_one(conn, &letter).await?),
+            None => report(Replayed::Missing { dead_id: id.clone() }),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Replays every dead letter present when it starts (letters added while it
-/// runs, e.g. replayed jobs refused again, are left for the next call).
-pub async fn replay_all<C: ConnectionLike>(conn: &mut C) -> Result<Vec<Replayed>, DeadError> {
+/// runs, e.g. replayed jobs refused again, are left for the next call),
+/// handing each outcome to `report` as soon as it is known (see
+/// `replay_ids`).
+pub async fn replay_all<C: ConnectionLike>(conn: &mut C, mut report: impl FnMut(Replayed)) -> Result<(), DeadError> {
     let last: Value = redis::cmd("XREVRANGE")
         .arg(DEAD_LETTERS)
         .arg("+")
@@ -293,9 +320,8 @@ pub async fn replay_all<C: ConnectionLike>(conn: &mut C) -> Result<Vec<Replayed>
         .query_async(conn)
         .await?;
     let Some(last) = reply::range(last)?.into_iter().next().map(|e| e.id) else {
-        return Ok(Vec::new());
+        return Ok(());
     };
-    let mut out = Vec::new();
     let mut from = "-".to_string();
     loop {
         let letters = page(conn, &from, &last, 100).await?;
@@ -303,14 +329,14 @@ pub async fn replay_all<C: ConnectionLike>(conn: &mut C) -> Result<Vec<Replayed>
             break;
         };
         for letter in &letters {
-            out.push(replay_one(conn, letter).await?);
+            report(replay_one(conn, letter).await?);
         }
         if tail == last {
             break;
         }
         from = format!("({tail}");
     }
-    Ok(out)
+    Ok(())
 }
 
 async fn replay_one<C: ConnectionLike>(conn: &mut C, letter: &DeadLetter) -> Result<Replayed, DeadError> {
@@ -440,6 +466,31 @@ mod tests {
         };
         let cols: Vec<String> = member.summary_line().split('\t').map(String::from).collect();
         assert_eq!(cols[2..], ["-", "member", "-", "-"]);
+    }
+
+    #[test]
+    fn only_a_complete_stream_id_is_a_dead_letter_id() {
+        for good in ["1700000000000-0", "0-1", "18446744073709551615-18446744073709551615"] {
+            assert!(check_id(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "typo",
+            "",
+            "-",
+            "+",
+            "1700000000000",
+            "1700000000000-",
+            "-0",
+            "(1700000000000-0",
+            "1700000000000-0-1",
+            "1700000000000-x",
+            "+1-0",
+            " 1-0",
+            "18446744073709551616-0",
+        ] {
+            let err = check_id(bad).expect_err(bad);
+            assert!(err.to_string().contains("nothing was replayed"), "{err}");
+        }
     }
 
     #[test]

@@ -230,13 +230,26 @@ pub async fn dead_letters_list(config: &Config, limit: usize) -> Result<Vec<Dead
 }
 
 /// `persister dead-letters replay`: the given ids, or every dead letter
-/// when `ids` is `None`.
-pub async fn dead_letters_replay(config: &Config, ids: Option<&[String]>) -> Result<Vec<Replayed>, Error> {
+/// when `ids` is `None`. Each outcome goes to `report` as it happens, so
+/// an error part way leaves the caller knowing what was moved; a malformed
+/// id moves nothing (`dead::check_id`).
+pub async fn dead_letters_replay(
+    config: &Config,
+    ids: Option<&[String]>,
+    report: impl FnMut(Replayed),
+) -> Result<(), Error> {
+    if let Some(ids) = ids {
+        // Before connecting: a malformed id is refused even without Redis.
+        for id in ids {
+            dead::check_id(id)?;
+        }
+    }
     let mut conn = cli_connection(config).await?;
-    Ok(match ids {
-        Some(ids) => dead::replay_ids(&mut conn, ids).await?,
-        None => dead::replay_all(&mut conn).await?,
-    })
+    match ids {
+        Some(ids) => dead::replay_ids(&mut conn, ids, report).await?,
+        None => dead::replay_all(&mut conn, report).await?,
+    }
+    Ok(())
 }
 
 /// `persister restore-redis`: rebuilds the chats' state in Redis from

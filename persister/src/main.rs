@@ -43,8 +43,10 @@ SIGTERM or SIGINT: finish and acknowledge the current batch, then exit 0.
 
 `dead-letters list` prints one tab-separated line per dead letter, oldest first:
   <dead-letter id> <reason> <deliveries> <kind> <chat> <message id>
-(`-` where a value is missing). `dead-letters replay` prints one line per letter:
+(`-` where a value is missing). `dead-letters replay` prints one line per letter,
+as soon as it is done (so also before an error that stops it part way):
   replayed <dead-letter id> <new queue id> | missing <id> | empty <id>
+It refuses an --id that is not a complete stream id (<ms>-<seq>) before moving any.
 
 `restore-redis` prints one summary line (docs/operations.md, Restoring Redis):
   chats_restored=N chats_skipped=N chats_behind=N memberships=N counters_only=N
@@ -126,9 +128,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::DeadLetters(DeadLetters::Replay { ids, all }) => {
             let ids = (!all).then_some(ids.as_slice());
-            let outcomes = persister::dead_letters_replay(&config, ids).await?;
-            let mut queued = 0;
-            for outcome in &outcomes {
+            // Each line is printed as soon as its letter is done (stdout is
+            // line-buffered), so a replay stopped by an error part way has
+            // shown every letter it moved.
+            let (mut queued, mut seen) = (0, 0);
+            let result = persister::dead_letters_replay(&config, ids, |outcome| {
+                seen += 1;
                 match outcome {
                     Replayed::Queued { dead_id, queue_id } => {
                         queued += 1;
@@ -137,8 +142,18 @@ async fn main() -> anyhow::Result<()> {
                     Replayed::Missing { dead_id } => println!("missing {dead_id}"),
                     Replayed::Empty { dead_id } => println!("empty {dead_id}"),
                 }
+            })
+            .await;
+            if let Err(e) = result {
+                if seen == 0 {
+                    return Err(e.into());
+                }
+                return Err(anyhow::Error::new(e).context(format!(
+                    "dead-letters replay stopped after {seen} letter(s), {queued} replayed (printed above); \
+                     running it again carries on"
+                )));
             }
-            tracing::info!(replayed = queued, of = outcomes.len(), "dead letters replayed");
+            tracing::info!(replayed = queued, of = seen, "dead letters replayed");
         }
         Command::RestoreRedis { page } => {
             let s = persister::restore_redis(&config, page as usize).await.context(

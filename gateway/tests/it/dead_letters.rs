@@ -10,13 +10,16 @@
 //! Entries are messages sent through a gateway; PostgreSQL refuses a message
 //! whose body holds `POISON` once a test adds the operator's rule
 //! [`REFUSE_POISON`]. Each test prints what it saw (`--nocapture`).
+//!
+//! Also: `persister dead-letters replay` refuses a malformed `--id` before
+//! it moves any letter.
 
 use std::time::Duration;
 
 use shared::queue::{DEAD_LETTERS, GROUP, STREAM};
 use uuid::Uuid;
 
-use crate::harness::{self, env, Persister, Stack, StackOptions};
+use crate::harness::{self, env, process, Persister, Stack, StackOptions};
 
 /// A bound on what the persisters do by themselves (the waits end as soon
 /// as it is done).
@@ -400,4 +403,67 @@ async fn an_entry_another_persister_stored_while_it_waited_for_its_retry_is_not_
     assert!(letters.is_empty(), "no dead letter for {entry}: {letters:?}");
     assert_eq!(stored(&stack, message).await, 1, "stored once");
     assert!(pending(&stack).await.is_empty(), "nothing is left pending");
+}
+
+#[tokio::test]
+async fn a_replay_with_a_malformed_id_moves_nothing_and_says_why() {
+    // Redis refuses a malformed stream id only when its turn comes: the
+    // letters named before it were moved and the command failed without
+    // saying so, and a rerun answered `missing` for them.
+    let stack = Stack::start(StackOptions {
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let mut redis = stack.redis.connection().await;
+    let letter: String = redis::cmd("XADD")
+        .arg(DEAD_LETTERS)
+        .arg("*")
+        .arg(&[
+            ("reason", "refused by hand"),
+            ("class", "refused"),
+            ("source_id", "1-0"),
+            ("deliveries", "5"),
+            ("v", "1"),
+            ("kind", "message"),
+        ])
+        .query_async(&mut redis)
+        .await
+        .expect("XADD a dead letter");
+    let ops_env = env(&[("REDIS_URL", &stack.redis.url()), ("DATABASE_URL", stack.db_url())]);
+    let text = |out: &std::process::Output| {
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let refused = process::run_persister(
+        &["dead-letters", "replay", "--id", &letter, "--id", "typo"],
+        ops_env.clone(),
+    )
+    .await;
+    let (stdout, stderr) = text(&refused);
+    println!("replay --id {letter} --id typo: {}\n{stdout}{stderr}", refused.status);
+    assert!(!refused.status.success(), "a malformed id fails the command");
+    assert!(
+        stderr.contains("\"typo\" is not a dead-letter id") && stderr.contains("nothing was replayed"),
+        "the refusal names the id: {stderr}"
+    );
+    assert_eq!(stdout, "", "nothing was replayed, so nothing is reported");
+    let dead: Vec<String> = dead_letters(&stack).await.into_iter().map(|l| l.id).collect();
+    assert_eq!(dead, vec![letter.clone()], "the letter is still dead");
+    assert_eq!(queue_length(&stack).await, 0, "nothing went to the queue");
+
+    // Corrected, the same call replays it and reports a well-formed id it
+    // does not hold.
+    let replayed = process::run_persister(&["dead-letters", "replay", "--id", &letter, "--id", "0-1"], ops_env).await;
+    let (stdout, stderr) = text(&replayed);
+    assert!(replayed.status.success(), "{}: {stdout}{stderr}", replayed.status);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].starts_with(&format!("replayed {letter} ")), "{stdout}");
+    assert_eq!(lines[1], "missing 0-1");
+    assert!(dead_letters(&stack).await.is_empty());
+    assert_eq!(queue_length(&stack).await, 1);
 }
