@@ -102,21 +102,13 @@ async fn without_redis_sends_get_unavailable_connections_stay_and_all_recovers_w
     assert_eq!(accepted["id"], json!(id.to_string()), "{accepted}");
 
     // And delivery to the other node resumes once its bus has reconnected.
-    let deadline = Instant::now() + RECOVERY;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let reply = alice_0
-            .request(send(bob, Uuid::new_v4(), &format!("after {attempt}")))
-            .await;
-        if reply["type"] == "ack" && receives(&mut bob_1, &reply["id"], Duration::from_secs(1)).await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no message reached Bob on the other gateway within {RECOVERY:?} of Redis returning; last reply {reply}"
-        );
-    }
+    until_one_arrives_live(
+        &mut alice_0,
+        &mut bob_1,
+        bob,
+        "a message to Bob on the other gateway after Redis returned",
+    )
+    .await;
     for (i, name) in ["gateway 0", "gateway 1"].into_iter().enumerate() {
         wait_ready_status(&stack.http(i), name, 200).await;
     }
@@ -255,22 +247,13 @@ async fn a_silent_redis_link_is_found_dead_by_the_bus_heartbeat_and_handshakes_g
     // A new handshake on gateway 1 succeeds, and two users there talk live.
     let carol = harness::user();
     let mut carol_1 = connect_once_recovered(&stack, gw, carol, "a handshake after the black hole").await;
-    let deadline = Instant::now() + RECOVERY;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let reply = bob_1
-            .request(send(carol, Uuid::new_v4(), &format!("bob to carol {attempt}")))
-            .await;
-        if reply["type"] == "ack" && receives(&mut carol_1, &reply["id"], Duration::from_secs(1)).await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no message from Bob reached Carol on gateway 1 within {RECOVERY:?}; last reply {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_one_arrives_live(
+        &mut bob_1,
+        &mut carol_1,
+        carol,
+        "a message from Bob to Carol on gateway 1",
+    )
+    .await;
     let ack = carol_1.send_message_to(bob, "and back").await;
     assert!(receives(&mut bob_1, &ack["id"], DEFAULT_TIMEOUT).await);
     let replaced = stack.metric(gw, "gateway_redis_reconnects_total", "").await - replaced_before;
@@ -333,18 +316,7 @@ async fn a_handshake_waiting_on_a_bus_that_has_not_noticed_the_black_hole_gets_5
         .await;
     proxy.close_black_holed();
     let mut bob_0 = connect_once_recovered(&stack, gw, bob, "Bob's handshake after the black hole").await;
-    let deadline = Instant::now() + RECOVERY;
-    loop {
-        let reply = alice_0.request(send(bob, Uuid::new_v4(), "hello")).await;
-        if reply["type"] == "ack" && receives(&mut bob_0, &reply["id"], Duration::from_secs(1)).await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no message reached Bob within {RECOVERY:?}; last reply {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_one_arrives_live(&mut alice_0, &mut bob_0, bob, "a message to Bob").await;
 }
 
 /// Opens a connection of `user` on gateway `gw`, retrying while the
@@ -363,4 +335,25 @@ async fn connect_once_recovered(stack: &Stack, gw: usize, user: Uuid, what: &str
     };
     client.user = Some(user);
     client
+}
+
+/// Sends from `from` to `to_user` until one message is acked and reaches
+/// `to` live, for up to `RECOVERY`; fails naming `what`.
+async fn until_one_arrives_live(from: &mut Client, to: &mut Client, to_user: Uuid, what: &str) {
+    let deadline = Instant::now() + RECOVERY;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let reply = from
+            .request(send(to_user, Uuid::new_v4(), &format!("{what}, attempt {attempt}")))
+            .await;
+        if reply["type"] == "ack" && receives(to, &reply["id"], Duration::from_secs(1)).await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: none arrived within {RECOVERY:?}; last reply {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
