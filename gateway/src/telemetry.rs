@@ -8,7 +8,7 @@
 use std::io::{IsTerminal, Write};
 
 use tracing::{Level, Subscriber};
-use tracing_subscriber::filter::{filter_fn, FilterExt, ParseError};
+use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter, ParseError};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -93,9 +93,19 @@ where
     // `tungstenite=debug` would switch tungstenite's DEBUG events on under
     // `RUST_LOG=info` (two lines per closed connection) instead of only
     // keeping its TRACE events off.
+    //
+    // The cap carries the directives' most verbose level as its hint: the
+    // combined filter's hint is the least verbose of the two, and none at all
+    // if either has none. Without one, tracing and the `log` bridge assume
+    // TRACE, and every `log::trace!` in tungstenite's frame path crossed into
+    // the subscriber just to be dropped: 4-6 % of a gateway's CPU under group
+    // fan-out (docs/benchmarks.md).
+    let env = parse_filter(directives)?;
+    let most_verbose = env.max_level_hint().unwrap_or(LevelFilter::TRACE);
     let no_frame_traces =
-        filter_fn(|meta| !(*meta.level() == Level::TRACE && meta.target().starts_with("tungstenite")));
-    let filter = parse_filter(directives)?.and(no_frame_traces);
+        filter_fn(|meta| !(*meta.level() == Level::TRACE && meta.target().starts_with("tungstenite")))
+            .with_max_level_hint(most_verbose);
+    let filter = env.and(no_frame_traces);
     let layer = if json {
         tracing_subscriber::fmt::layer().json().with_writer(writer).boxed()
     } else {
@@ -190,6 +200,20 @@ mod tests {
         let lines = lines_under("warn,gateway=debug", true);
         assert_eq!(messages(&lines), ["gateway info", "gateway debug"]);
         assert!(lines.iter().all(|l| l.starts_with(r#"{"node":"gw9","#)), "{lines:?}");
+    }
+
+    #[test]
+    fn the_subscriber_tells_tracing_and_log_how_verbose_it_is() {
+        // The hint sets the level below which `tracing` and `log` macros
+        // return at once, tungstenite's per-frame `log::trace!` included.
+        let hint = |d: &str| {
+            subscriber(d, false, "gw9", false, Captured::default())
+                .unwrap()
+                .max_level_hint()
+        };
+        assert_eq!(hint("info"), Some(LevelFilter::INFO));
+        assert_eq!(hint("warn,gateway=debug"), Some(LevelFilter::DEBUG));
+        assert_eq!(hint("trace"), Some(LevelFilter::TRACE));
     }
 
     #[test]
