@@ -198,6 +198,12 @@ impl Supervisor {
     /// one per channel, so connections opening together wait for Redis once.
     /// Barriers are answered once the batch is confirmed, not here.
     async fn handle(&mut self, first: Interest, interest: &mut mpsc::Receiver<Interest>) {
+        // Let the other tasks that are ready run first. Tokio runs a task
+        // that a wake-up has just readied before the rest, so the subscriber
+        // would otherwise take each opening connection's channel on its own,
+        // one write to Redis per connection; after the yield, connections
+        // that opened together have queued theirs and go out in one command.
+        tokio::task::yield_now().await;
         let mut subscribe = HashSet::new();
         let mut unsubscribe = HashSet::new();
         let mut barriers = Vec::new();
