@@ -117,10 +117,18 @@ fn private_messages_reach_the_peer_on_the_other_port() {
     let (report, code) = floor.loadgen(&args);
     let p = only_phase(&report);
     assert_eq!(code, 0, "{report}");
+    assert_eq!(p["pass"], true, "{p}");
     assert_eq!(p["fanout"], 1.0);
     assert!(p["delivered"].as_u64().unwrap() > 0, "{p}");
     assert_eq!(p["delivered"], p["expected_deliveries"], "{p}");
-    assert_eq!(p["lost_messages"], 0, "{p}");
+    for zero in [
+        "lost_messages",
+        "missing_deliveries",
+        "duplicate_deliveries",
+        "unexpected_deliveries",
+    ] {
+        assert_eq!(p[zero], 0, "{zero}: {p}");
+    }
 }
 
 #[test]

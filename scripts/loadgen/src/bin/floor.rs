@@ -91,6 +91,8 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: Args) -> anyhow::Result<()> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_required_spec_claims(&["exp", "sub"]);
+    // As the gateway: an expired token is refused, with no grace period.
+    validation.leeway = 0;
     let state = Arc::new(State {
         key: DecodingKey::from_secret(args.secret.as_bytes()),
         validation,
@@ -168,6 +170,33 @@ struct Device {
     overflowed: Arc<AtomicBool>,
 }
 
+impl Device {
+    /// A new connection of `user`, receiving from now on.
+    fn register(user: Uuid, state: &State) -> (Device, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(state.queue);
+        let me = Device {
+            id: state.next_device.fetch_add(1, Relaxed),
+            tx,
+            overflowed: Arc::new(AtomicBool::new(false)),
+        };
+        state.devices.entry(user).or_default().push(me.clone());
+        (me, rx)
+    }
+
+    fn unregister(&self, user: Uuid, state: &State) {
+        if let Some(mut list) = state.devices.get_mut(&user) {
+            list.retain(|d| d.id != self.id);
+        }
+        state.devices.remove_if(&user, |_, list| list.is_empty());
+    }
+}
+
+/// How long one write may wait on a client that does not read (the
+/// gateway's ping interval plus timeout, by default).
+const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// The gateway's default `body` limit (contract: `too_large`).
+const MAX_BODY: usize = 4096;
+
 #[derive(Deserialize)]
 struct Claims {
     sub: Uuid,
@@ -202,6 +231,9 @@ async fn route(mut req: Request<Incoming>, state: Arc<State>) -> Result<Reply, I
             };
             let accept = derive_accept_key(key.as_bytes());
             let on_upgrade = hyper::upgrade::on(&mut req);
+            // Registered before the 101, as the gateway does: a message sent
+            // to the user once the handshake is answered is queued for it.
+            let (me, rx) = Device::register(user, &state);
             tokio::spawn(async move {
                 if let Ok(upgraded) = on_upgrade.await {
                     let config = WebSocketConfig::default()
@@ -209,8 +241,9 @@ async fn route(mut req: Request<Incoming>, state: Arc<State>) -> Result<Reply, I
                         .max_frame_size(Some(MAX_FRAME))
                         .max_message_size(Some(MAX_FRAME));
                     let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                    session(ws, user, state).await;
+                    session(ws, user, &me, rx, &state).await;
                 }
+                me.unregister(user, &state);
             });
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -273,57 +306,54 @@ fn token(req: &Request<Incoming>) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-async fn session(mut ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, user: Uuid, state: Arc<State>) {
-    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(state.queue);
-    let me = Device {
-        id: state.next_device.fetch_add(1, Relaxed),
-        tx,
-        overflowed: Arc::new(AtomicBool::new(false)),
-    };
-    state.devices.entry(user).or_default().push(me.clone());
+async fn session(
+    mut ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    user: Uuid,
+    me: &Device,
+    mut rx: mpsc::Receiver<Utf8Bytes>,
+    state: &State,
+) {
+    use tokio::time::timeout;
     loop {
         tokio::select! {
             out = rx.recv() => {
                 let Some(first) = out else { break };
                 if me.overflowed.load(Relaxed) {
-                    let _ = ws.close(Some(close(1008, "outgoing queue overflow"))).await;
+                    let _ = timeout(WRITE_STALL, ws.close(Some(close(1008, "outgoing queue overflow")))).await;
                     break;
                 }
-                let mut ok = ws.feed(Message::Text(first)).await.is_ok();
-                let mut n = 1;
-                while ok && n < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(f) => ok = ws.feed(Message::Text(f)).await.is_ok(),
-                        Err(_) => break,
+                let written = timeout(WRITE_STALL, async {
+                    ws.feed(Message::Text(first)).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(f) => ws.feed(Message::Text(f)).await?,
+                            Err(_) => break,
+                        }
                     }
-                    n += 1;
-                }
-                if !ok || ws.flush().await.is_err() {
+                    ws.flush().await
+                })
+                .await;
+                if !matches!(written, Ok(Ok(()))) {
                     break;
                 }
             }
-            frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    let answer = on_event(text.as_str(), user, me.id, &state);
-                    if ws.send(Message::Text(answer.into())).await.is_err() {
+            frame = ws.next() => {
+                let answer = match frame {
+                    Some(Ok(Message::Text(text))) => on_event(text.as_str(), user, me.id, state),
+                    Some(Ok(Message::Binary(_))) => error(None, "bad_request", "floor speaks JSON only"),
+                    Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                        let _ = timeout(WRITE_STALL, ws.close(Some(close(1009, "frame too large")))).await;
                         break;
                     }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                };
+                if !matches!(timeout(WRITE_STALL, ws.send(Message::Text(answer.into()))).await, Ok(Ok(()))) {
+                    break;
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    let answer = error(None, "bad_request", "floor speaks JSON only");
-                    if ws.send(Message::Text(answer.into())).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
+            }
         }
     }
-    if let Some(mut list) = state.devices.get_mut(&user) {
-        list.retain(|d| d.id != me.id);
-    }
-    state.devices.remove_if(&user, |_, list| list.is_empty());
 }
 
 fn close(code: u16, reason: &'static str) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
@@ -380,11 +410,14 @@ fn on_event(text: &str, user: Uuid, device: u64, state: &State) -> String {
     };
     let reference = ev.reference.as_deref();
     match ev.kind.as_ref() {
-        "ping" => serde_json::json!({"type": "pong", "ref": reference}).to_string(),
+        "ping" => with_ref(serde_json::json!({"type": "pong"}), reference),
         "send" => {
             let Some(body) = ev.body.as_deref() else {
                 return error(reference, "bad_request", "send needs a body");
             };
+            if body.len() > MAX_BODY {
+                return error(reference, "too_large", "body over 4096 bytes");
+            }
             let (chat_id, to) = match (ev.to, ev.chat) {
                 (Some(to), None) => (private_chat_id(user, to), Some(to)),
                 (None, Some(chat)) => (chat, None),
@@ -395,8 +428,10 @@ fn on_event(text: &str, user: Uuid, device: u64, state: &State) -> String {
                     .chats
                     .entry(chat_id)
                     .or_insert_with(|| {
+                        // A user may message themselves: one member then.
+                        let members = if user == to { vec![user] } else { vec![user, to] };
                         Arc::new(Chat {
-                            members: vec![user, to],
+                            members,
                             seq: Mutex::new(0),
                         })
                     })
@@ -458,7 +493,18 @@ fn on_event(text: &str, user: Uuid, device: u64, state: &State) -> String {
 }
 
 fn error(reference: Option<&str>, code: &str, message: &str) -> String {
-    serde_json::json!({"type": "error", "code": code, "message": message, "ref": reference}).to_string()
+    with_ref(
+        serde_json::json!({"type": "error", "code": code, "message": message}),
+        reference,
+    )
+}
+
+/// `reply` as text, with the event's `ref` when it had one.
+fn with_ref(mut reply: serde_json::Value, reference: Option<&str>) -> String {
+    if let (Some(r), Some(map)) = (reference, reply.as_object_mut()) {
+        map.insert("ref".into(), r.into());
+    }
+    reply.to_string()
 }
 
 /// The private chat of two users (client contract, Chats).
