@@ -214,6 +214,9 @@ mod tests {
         assert_eq!(hint("info"), Some(LevelFilter::INFO));
         assert_eq!(hint("warn,gateway=debug"), Some(LevelFilter::DEBUG));
         assert_eq!(hint("trace"), Some(LevelFilter::TRACE));
+        assert_eq!(hint("off"), Some(LevelFilter::OFF));
+        // A directive limited to a span counts with its own level.
+        assert_eq!(hint("gateway[session]=debug,info"), Some(LevelFilter::DEBUG));
     }
 
     #[test]
