@@ -7,6 +7,12 @@
 //! steps until a bound breaks (`--mode max`). Prints one JSON line on stdout
 //! and a readable summary on stderr.
 //!
+//! Exit status: 0 when the run completed (in `--mode fixed`, with its phase
+//! passing every check); 1 when it could not run (setup, connections); 2 when
+//! a `--mode fixed` phase failed a check (a message lost, p99 over the bound,
+//! …: the JSON says which); 3 at the hard deadline. A `max` run that
+//! completes exits 0: finding the failing step is its purpose.
+//!
 //! Safety: raises its own RLIMIT_NOFILE; connects only to the addresses it
 //! is given (loopback unless `--allow-non-loopback`); every loop is bounded
 //! and a watchdog thread ends the process at a hard deadline.
@@ -135,6 +141,8 @@ async fn run_cli(cli: Cli, nofile: u64) -> i32 {
     eprint!("{}", report.text());
     if result.is_err() {
         1
+    } else if report.mode == "fixed" && report.phases.iter().any(|p| !p.pass) {
+        2
     } else {
         0
     }
