@@ -188,7 +188,8 @@ pub struct Traffic {
     /// Message body length in bytes (at least the stamp, ~30 bytes).
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
-    /// Max mode: a step fails when end-to-end p99 exceeds this.
+    /// A step (max mode) or the phase (fixed mode, which then exits 2)
+    /// fails when end-to-end p99 exceeds this.
     #[arg(long, default_value_t = 50.0)]
     pub p99_bound_ms: f64,
     /// Max mode: measured seconds per step.
