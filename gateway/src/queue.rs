@@ -16,9 +16,7 @@ use shared::keys;
 use shared::protocol::{ErrorCode, Target};
 use shared::queue::STREAM;
 
-use redis::aio::ConnectionManager;
-
-use crate::redis_pool::{RedisError, RedisPool};
+use crate::redis_pool::{Picked, RedisError, RedisPool};
 use crate::run_script::{RunScript, ScriptCall};
 
 /// A message the queue holds: the fields of the `ack`.
@@ -138,10 +136,9 @@ impl Queue {
             .arg(slot.map(|s| s.bytes.as_slice()).unwrap_or_default())
             .arg(slot.map(|s| s.at).unwrap_or_default());
         let mut picked = self.redis.pick();
-        let slot = picked.slot();
         let failed = match self
             .redis
-            .timed(slot, self.script.call_on::<Vec<String>>(&mut picked.conn, &call))
+            .timed(picked.slot, self.script.call_on::<Vec<String>>(&mut picked.conn, &call))
             .await
         {
             Ok(reply) => return parse_reply(id, &reply),
@@ -155,7 +152,7 @@ impl Queue {
         // So ask, on the same connection and after the script, whether it
         // recorded this id for this sender.
         // (The old connection even when a timeout has it replaced.)
-        match self.accepted_meanwhile(&mut picked.conn, slot, id, from).await {
+        match self.accepted_meanwhile(&mut picked, id, from).await {
             Some(accepted) => {
                 tracing::info!(%id, error = %failed, "the accept script's answer was lost, but it had accepted the message");
                 Ok(accepted)
@@ -165,21 +162,15 @@ impl Queue {
     }
 
     /// The message `id` of `from`, if the accept script recorded it.
-    async fn accepted_meanwhile(
-        &self,
-        conn: &mut ConnectionManager,
-        slot: usize,
-        id: MessageId,
-        from: UserId,
-    ) -> Option<Accepted> {
+    async fn accepted_meanwhile(&self, picked: &mut Picked, id: MessageId, from: UserId) -> Option<Accepted> {
         let fields: Vec<Option<String>> = self
             .redis
             .timed(
-                slot,
+                picked.slot,
                 redis::cmd("HMGET")
                     .arg(keys::message(id))
                     .arg(&["from", "chat", "seq", "ts", "to"])
-                    .query_async(conn),
+                    .query_async(&mut picked.conn),
             )
             .await
             .ok()?;

@@ -4,10 +4,10 @@
 //! ConnectionManager reconnects by itself after a connection error, but not
 //! after a timeout: on a link that went silent (a host gone, a network
 //! split: no FIN) it would wait until the kernel gives up, for minutes. So a
-//! connection whose call timed out is replaced in the background. Several connections, so no
-//! single socket or task carries every command of the node; callers pick one
-//! by a key (the chat) or round robin. It never subscribes: pub/sub has its own
-//! connections in `bus::subscriber`.
+//! connection whose call timed out is replaced in the background. Several
+//! connections, so no single socket or task carries every command of the
+//! node; callers take them round robin. It never subscribes: pub/sub has its
+//! own connections in `bus::subscriber`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,19 +50,14 @@ struct Slot {
 
 /// A connection picked for a call, and its place in the pool.
 pub(crate) struct Picked {
-    slot: usize,
+    pub slot: usize,
     pub conn: ConnectionManager,
-}
-
-impl Picked {
-    pub(crate) fn slot(&self) -> usize {
-        self.slot
-    }
 }
 
 impl RedisPool {
     /// Connects `size` multiplexed connections. Fails if Redis is not
-    /// reachable now; afterwards each connection reconnects by itself.
+    /// reachable now; afterwards each connection reconnects by itself after
+    /// an error, and is replaced after a timeout (`timed`).
     pub async fn connect(url: &str, size: usize, timeout: Duration) -> Result<RedisPool, RedisError> {
         let client = redis::Client::open(url).map_err(|e| RedisError::Unavailable(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
@@ -109,15 +104,13 @@ impl RedisPool {
     /// Runs a script (EVALSHA, loading it again after a Redis restart).
     pub async fn run<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T, RedisError> {
         let mut picked = self.pick();
-        let slot = picked.slot;
-        self.timed(slot, invocation.invoke_async(&mut picked.conn)).await
+        self.timed(picked.slot, invocation.invoke_async(&mut picked.conn)).await
     }
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
         let mut picked = self.pick();
-        let slot = picked.slot;
-        self.timed(slot, cmd.query_async(&mut picked.conn)).await
+        self.timed(picked.slot, cmd.query_async(&mut picked.conn)).await
     }
 
     /// Connects a new connection for `slot` in the background and puts it
@@ -164,9 +157,7 @@ impl RedisPool {
                 self.replace(slot);
                 Err(RedisError::Unavailable(e.to_string()))
             }
-            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
-                Err(RedisError::Unavailable(e.to_string()))
-            }
+            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => Err(RedisError::Unavailable(e.to_string())),
             Ok(Err(e)) if e.kind() == redis::ErrorKind::TypeError => Err(RedisError::Reply(e.to_string())),
             Ok(Err(e)) => Err(RedisError::Unavailable(e.to_string())),
         };

@@ -87,8 +87,7 @@ impl RunScript {
     /// does not have it.
     pub async fn call<T: FromRedisValue>(&self, redis: &RedisPool, call: &ScriptCall) -> Result<T, RedisError> {
         let mut picked = redis.pick();
-        let slot = picked.slot();
-        redis.timed(slot, self.call_on(&mut picked.conn, call)).await
+        redis.timed(picked.slot, self.call_on(&mut picked.conn, call)).await
     }
 
     /// Runs the script on the connection `conn` (for a caller that sends
@@ -239,6 +238,8 @@ mod tests {
             include_str!("scripts/accept.lua"),
             include_str!("scripts/recent_read.lua"),
             include_str!("scripts/recent_fill.lua"),
+            include_str!("scripts/membership.lua"),
+            include_str!("scripts/create_chat.lua"),
         ] {
             assert_eq!(template.matches(PLACEHOLDER).count(), 1, "{template}");
             let text = RunScript::new(template).text_for("abc123", "n1");

@@ -36,6 +36,8 @@ use redis::aio::ConnectionLike;
 use redis::{Script, Value};
 use shared::ids::{private_chat_id, ChatId, UserId};
 use shared::keys;
+use shared::protocol::Visibility;
+use shared::queue::ChatKind;
 use tokio_postgres::{IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use crate::store::StoreError;
@@ -264,7 +266,7 @@ impl Call {
     pub fn group(chat: &StoredChat, members: &[UserId]) -> Call {
         let mver = chat.mver.unwrap_or(0);
         let meta = [
-            ("kind", "group".to_string()),
+            ("kind", ChatKind::Group.as_str().to_string()),
             ("title", chat.title.clone()),
             ("visibility", chat.visibility.clone()),
             ("created_by", chat.created_by.to_string()),
@@ -284,11 +286,11 @@ impl Call {
     /// A private chat between `a` (its creator) and `b`.
     pub fn private(chat: &StoredChat, a: UserId, b: UserId) -> Call {
         let meta = [
-            ("kind", "dm".to_string()),
+            ("kind", ChatKind::Direct.as_str().to_string()),
             ("a", a.to_string()),
             ("b", b.to_string()),
             ("title", String::new()),
-            ("visibility", "private".to_string()),
+            ("visibility", Visibility::Private.as_str().to_string()),
             ("created_by", chat.created_by.to_string()),
             ("created_at", chat.created_at.to_string()),
         ];
@@ -418,7 +420,11 @@ impl<'a> ChatPages<'a> {
         let mut chats = rows.iter().map(StoredChat::from_row).collect::<Result<Vec<_>, _>>()?;
 
         // Each group's active members and newest membership version.
-        let groups: Vec<ChatId> = chats.iter().filter(|c| c.kind == "group").map(|c| c.id).collect();
+        let groups: Vec<ChatId> = chats
+            .iter()
+            .filter(|c| c.kind == ChatKind::Group.as_str())
+            .map(|c| c.id)
+            .collect();
         let mut members: HashMap<ChatId, (Vec<UserId>, i64)> = HashMap::new();
         if !groups.is_empty() {
             for row in self.tx.query(&self.members, &[&groups]).await? {
@@ -440,7 +446,7 @@ impl<'a> ChatPages<'a> {
             full: chats.len() as i64 >= self.limit,
         };
         for chat in &mut chats {
-            if chat.kind == "group" {
+            if chat.kind == ChatKind::Group.as_str() {
                 let (of_chat, mver) = members.remove(&chat.id).unwrap_or_default();
                 chat.mver = Some(mver);
                 page.sizes.push(of_chat.len() as u64);

@@ -6,11 +6,10 @@
 //! ("Redis keys") says what each holds. The Lua scripts receive these names
 //! as `KEYS`; only `list_chats.lua` builds names itself, from
 //! [`CHAT_PREFIX`]. Pub/sub channels (`u:<user>`, `c:<chat>`) are not keys
-//! and stay with the gateway's hub.
+//! and stay with the gateway's hub; the queue's streams are named in
+//! [`crate::queue`], with their entry format.
 
 use crate::ids::{ChatId, MessageId, UserId};
-
-pub use crate::queue::{DEAD_LETTERS, STREAM};
 
 /// What every per-chat key starts with; `list_chats.lua` appends
 /// `<id>:meta` to it.

@@ -2,8 +2,8 @@
 //!
 //! Gateways append one entry per accepted change (a message, a new chat, a
 //! membership change); persisters read the stream through one consumer group
-//! and store each entry in PostgreSQL. This module owns the stream names (also in
-//! `keys`, with every other key) and the entry format, so both sides agree on them. Entries are flat field/value
+//! and store each entry in PostgreSQL. This module owns the key names and the
+//! entry format, so both sides agree on them. Entries are flat field/value
 //! pairs (readable with `redis-cli XRANGE`), with `v` as the format version
 //! and `kind` as the job type. The gateway writes them from Lua scripts using
 //! the same field names; `Job::to_fields` is the reference encoding.

@@ -143,6 +143,12 @@ pub struct Phase {
 }
 
 impl Phase {
+    /// Scheduled messages neither sent nor counted as not sent: still in
+    /// the load tool's writer queues.
+    pub fn queued(&self) -> u64 {
+        self.scheduled.saturating_sub(self.sent + self.not_sent)
+    }
+
     /// The `max` mode's test: p99 within the bound, and every scheduled
     /// message written, acked (no error) and delivered exactly once to
     /// every expected recipient connection and to no other.
@@ -178,10 +184,10 @@ impl Phase {
         if self.not_sent > 0 {
             why.push(format!("{} messages not sent", self.not_sent));
         }
-        if self.sent + self.not_sent < self.scheduled {
+        let queued = self.queued();
+        if queued > 0 {
             why.push(format!(
-                "{} messages still queued in the load tool at the end of the drain",
-                self.scheduled - self.sent - self.not_sent
+                "{queued} messages still queued in the load tool at the end of the drain"
             ));
         }
         if self.send_lag.p99_ms > loadgen_lag_bound_ms {

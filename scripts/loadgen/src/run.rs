@@ -64,7 +64,9 @@ pub fn mint(secret: &str, user: &Uuid, exp: u64) -> String {
     .expect("HS256 signing cannot fail")
 }
 
-/// The private chat of two users (client contract, Chats).
+/// The private chat of two users (client contract, Chats). Computed here
+/// from the contract rather than taken from `shared`, so the load tool
+/// checks the server's reading of it instead of sharing it.
 pub fn dm_chat(a: &Uuid, b: &Uuid) -> Uuid {
     let (a, b) = (a.to_string(), b.to_string());
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
@@ -411,7 +413,7 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
     } else {
         0.0
     };
-    Phase {
+    let mut result = Phase {
         phase,
         rate,
         warmup_s: warmup,
@@ -421,7 +423,7 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
         acked: tracker.acked.load(Relaxed),
         errored: tracker.errored.load(Relaxed),
         not_sent,
-        queued_at_end: total.saturating_sub(sent + not_sent),
+        queued_at_end: 0,
         unacked: tally.unacked,
         fanout: round3(fanout),
         offered_msgs_per_s: rate,
@@ -443,7 +445,9 @@ async fn run_phase(ctx: &Ctx, running: &Running, phase: u32, rate: f64, warmup: 
         machine_cpu,
         pass: false,
         fail_reasons: Vec::new(),
-    }
+    };
+    result.queued_at_end = result.queued();
+    result
 }
 
 /// What a traffic scenario yields.

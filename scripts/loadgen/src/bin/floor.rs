@@ -37,6 +37,8 @@ use hyper::{header, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
+use shared::ids::private_chat_id;
+use shared::protocol::close as close_code;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -319,7 +321,7 @@ async fn session(
             out = rx.recv() => {
                 let Some(first) = out else { break };
                 if me.overflowed.load(Relaxed) {
-                    let _ = timeout(WRITE_STALL, ws.close(Some(close(1008, "outgoing queue overflow")))).await;
+                    let _ = timeout(WRITE_STALL, ws.close(Some(close(close_code::POLICY, "outgoing queue overflow")))).await;
                     break;
                 }
                 let written = timeout(WRITE_STALL, async {
@@ -342,7 +344,7 @@ async fn session(
                     Some(Ok(Message::Text(text))) => on_event(text.as_str(), user, me.id, state),
                     Some(Ok(Message::Binary(_))) => error(None, "bad_request", "floor speaks JSON only"),
                     Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
-                        let _ = timeout(WRITE_STALL, ws.close(Some(close(1009, "frame too large")))).await;
+                        let _ = timeout(WRITE_STALL, ws.close(Some(close(close_code::TOO_BIG, "frame too large")))).await;
                         break;
                     }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
@@ -505,13 +507,6 @@ fn with_ref(mut reply: serde_json::Value, reference: Option<&str>) -> String {
         map.insert("ref".into(), r.into());
     }
     reply.to_string()
-}
-
-/// The private chat of two users (client contract, Chats).
-fn private_chat_id(a: Uuid, b: Uuid) -> Uuid {
-    let (a, b) = (a.to_string(), b.to_string());
-    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("dm:{lo}:{hi}").as_bytes())
 }
 
 fn now_ms() -> i64 {
