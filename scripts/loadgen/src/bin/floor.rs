@@ -47,6 +47,11 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
 
+/// The gateway's allocator (gateway/src/main.rs): the floor does the
+/// gateway's WebSocket work the way the gateway does it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "A chat server that does the least it can, in memory, for measuring (never deploy it)")]
 struct Args {
