@@ -8,8 +8,8 @@ use gateway::{telemetry, App};
 /// jemalloc instead of glibc's malloc: glibc's allocator took about an
 /// eighth of the gateway's CPU in a profile of private messages; with
 /// jemalloc the gateways spend about a tenth less CPU per private message
-/// and per new connection, at the same memory per connection
-/// (docs/benchmarks.md).
+/// and per new connection, at about the same memory per connection
+/// (11.0-11.3 KiB; docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
