@@ -1,5 +1,5 @@
 # shellcheck shell=bash disable=SC2034
-# Shared by scripts/up, scripts/down, scripts/test and scripts/token:
+# Shared by scripts/up, scripts/down, scripts/test, scripts/token and the bench scripts:
 # sourced, not run. Paths, logging, package installs, pid files, and
 # running PostgreSQL's binaries as the postgres user.
 
@@ -85,6 +85,32 @@ is_zombie() {
     stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
     stat="${stat##*) }"
     [ "${stat%% *}" = Z ]
+}
+
+# A free loopback port: the kernel picks one for a listener that closes at
+# once (another process may take it before it is used; callers check).
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_redis_server PORT FSYNC DIR PIDFILE LOG [ARG...]: a redis-server on
+# 127.0.0.1:PORT, daemonized, with the project's persistence: AOF fsynced
+# FSYNC (always, everysec, no), no RDB snapshots, AOF rewrites from 1 GiB on
+# (docs/operations.md, "Redis disk"; deploy/k8s/datastores/redis.yaml sets
+# the same). Further ARGs go to redis-server after these. Waits up to 10 s
+# for PONG, and dies with the log's tail if none comes.
+start_redis_server() {
+    local port="$1" fsync="$2" dir="$3" pidfile="$4" log="$5" i
+    shift 5
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --appendonly yes \
+        --appendfsync "$fsync" --save '' --auto-aof-rewrite-min-size 1gb \
+        --daemonize yes --pidfile "$pidfile" --logfile "$log" "$@"
+    for ((i = 0; i < 100; i++)); do
+        [ "$(redis-cli -p "$port" ping 2>/dev/null || true)" = PONG ] && return 0
+        sleep 0.1
+    done
+    tail -n 20 "$log" >&2 || true
+    die "redis did not answer PING on :$port within 10 s (log: $log)"
 }
 
 # True when something accepts TCP connections on 127.0.0.1:$1.
