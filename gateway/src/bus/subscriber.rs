@@ -26,6 +26,14 @@
 //! through a backlog (frames already in the socket) is never taken for a
 //! dead link. Every wait of the supervisor on Redis is bounded too: a
 //! connect by `connect_timeout`, a write by the dead-link time.
+//!
+//! What was published while a connection was lost is missed. For messages
+//! that is the contract (clients catch up from history), but a missed
+//! `joined` or `left` would leave a connection receiving the wrong chats for
+//! as long as it lives. So once a new connection has confirmed every
+//! channel it subscribed again, the reader tells the shard to resync its
+//! users' connections (`Hub::resync`), each of which reads its user's
+//! groups again.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -79,6 +87,7 @@ pub fn spawn(
         settings,
         channels: HashSet::new(),
         live: None,
+        lost_one: false,
         waiting: Vec::new(),
         retry: Retry {
             wait: BACKOFF_MIN,
@@ -96,6 +105,9 @@ struct Supervisor {
     settings: BusSettings,
     channels: HashSet<String>,
     live: Option<Live>,
+    /// A connection was lost since the last one came up: the next one's
+    /// subscriptions end with a resync.
+    lost_one: bool,
     /// Barriers waiting for confirmations: answered once the connection has
     /// confirmed this many channel changes.
     waiting: Vec<(u64, oneshot::Sender<Result<(), BusDown>>)>,
@@ -326,7 +338,10 @@ impl Supervisor {
             origin: self.origin.clone(),
             confirmed: confirmed_tx,
             dead_after: self.settings.dead_after(),
+            // Without channels there are no connections to resync.
+            resync_after: (self.lost_one && sent > 0).then_some(sent),
         };
+        self.lost_one = false;
         let task = tokio::spawn(reader.run());
         for (target, _) in &mut self.waiting {
             *target = sent;
@@ -347,6 +362,7 @@ impl Supervisor {
     fn disconnect(&mut self) {
         if let Some(live) = self.live.take() {
             live.reader.abort();
+            self.lost_one = true;
         }
     }
 }
@@ -394,6 +410,10 @@ struct Reader {
     /// A wait on the socket longer than this (several heartbeats without
     /// an answer) ends the connection.
     dead_after: Duration,
+    /// On a connection that replaced a lost one: once this many
+    /// confirmations (the channels subscribed again) have come, the shard's
+    /// connections resync their membership.
+    resync_after: Option<u64>,
 }
 
 impl Reader {
@@ -417,7 +437,13 @@ impl Reader {
                         tracing::warn!(error = %e, "dropping an undecodable publication");
                     }
                 },
-                Ok(Push::Confirmed) => self.confirmed.send_modify(|n| *n += 1),
+                Ok(Push::Confirmed) => {
+                    self.confirmed.send_modify(|n| *n += 1);
+                    if self.resync_after.is_some_and(|after| *self.confirmed.borrow() >= after) {
+                        self.resync_after = None;
+                        self.hub.resync(self.shard).await;
+                    }
+                }
                 Ok(Push::Pong) => {}
                 Err(e) => {
                     if e.kind() != std::io::ErrorKind::UnexpectedEof {
@@ -502,6 +528,7 @@ mod tests {
                 origin: Origin::new(),
                 confirmed: confirmed_tx,
                 dead_after,
+                resync_after: None,
             }
             .run(),
         );

@@ -42,6 +42,10 @@ pub enum Outbound {
     /// membership: a later join, arriving first on the user's channel, may
     /// have overtaken that leave.
     Detached(ChatId),
+    /// The bus lost the user's channel for a while and has it again: a
+    /// `joined` or `left` published meanwhile was missed, so the session
+    /// reads the user's groups again and attaches or detaches what changed.
+    Resync,
 }
 
 /// A local connection, as the hub sees it.
@@ -227,6 +231,12 @@ impl Hub {
     /// Hands what arrived on shard `shard`'s channels to that shard.
     pub async fn deliver(&self, shard: usize, delivery: Delivery) {
         self.send(shard, Command::Deliver(delivery)).await;
+    }
+
+    /// Tells shard `shard` that its bus subscribed its channels again after
+    /// losing them: every connection of its users gets `Outbound::Resync`.
+    pub async fn resync(&self, shard: usize) {
+        self.send(shard, Command::Resync).await;
     }
 
     async fn send(&self, shard: usize, cmd: Command) {

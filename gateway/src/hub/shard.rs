@@ -34,6 +34,8 @@ pub(super) enum Command {
         conn: ConnId,
     },
     Deliver(Delivery),
+    /// The bus has this shard's channels again after losing them.
+    Resync,
 }
 
 pub(super) struct Shard {
@@ -79,6 +81,14 @@ impl Shard {
                 }
             }
             Command::Deliver(d) => self.deliver(d).await,
+            Command::Resync => {
+                // A user's own joins and leaves come over the user's
+                // channel; what a chat's channel missed meanwhile (messages,
+                // other members' changes) is in history.
+                for conn in self.users.values().flatten() {
+                    conn.push(Outbound::Resync);
+                }
+            }
         }
     }
 

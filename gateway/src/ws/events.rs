@@ -4,6 +4,7 @@
 //! `leave` → chat membership (the `joined` / `left` events come back over the
 //! bus); `ping` → `pong`; `auth` → a fresh token for the same user.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use shared::ids::{new_id, ChatId};
@@ -186,6 +187,30 @@ impl Session {
         if self.chats.contains(&chat) {
             self.svc.hub.detach_chat(chat, self.conn.id).await;
             self.chats.remove(&chat);
+        }
+    }
+
+    /// The bus lost the user's channel for a while and has it again, so a
+    /// `joined` or `left` published meanwhile may never arrive: read the
+    /// user's groups again and receive exactly those. The read comes after
+    /// the channel is back, so a change made after it arrives as an event
+    /// (and finds the connection already attached or detached).
+    pub(super) async fn resync(&mut self) {
+        metrics::counter!("gateway_membership_resyncs_total").increment(1);
+        let groups: HashSet<ChatId> = match self.svc.chats.groups_of(self.identity.user).await {
+            Ok(groups) => groups.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the user's groups after the bus reconnected; membership changes made meanwhile reach this connection only through history");
+                return;
+            }
+        };
+        let joined: Vec<ChatId> = groups.difference(&self.chats).copied().collect();
+        let left: Vec<ChatId> = self.chats.difference(&groups).copied().collect();
+        for chat in left {
+            self.left_elsewhere(chat).await;
+        }
+        for chat in joined {
+            self.joined_elsewhere(chat).await;
         }
     }
 

@@ -300,6 +300,7 @@ impl Session {
                 Outbound::Joined(chat) => self.joined_elsewhere(chat).await,
                 Outbound::Left(chat) => self.left_elsewhere(chat).await,
                 Outbound::Detached(chat) => self.detached(chat).await,
+                Outbound::Resync => self.resync().await,
             }
             if written < WRITE_BATCH {
                 next = self.rx.try_recv().ok();

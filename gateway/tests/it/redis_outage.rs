@@ -105,7 +105,7 @@ async fn without_redis_sends_get_unavailable_connections_stay_and_all_recovers_w
     until_one_arrives_live(
         &mut alice_0,
         &mut bob_1,
-        bob,
+        ("to", bob),
         "a message to Bob on the other gateway after Redis returned",
     )
     .await;
@@ -226,19 +226,13 @@ async fn a_silent_redis_link_is_found_dead_by_the_bus_heartbeat_and_handshakes_g
 
     // The bus is back on its own: a message from the other gateway reaches
     // Bob live, though the socket it was on is still open and silent.
-    let deadline = Instant::now() + RECOVERY;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let ack = alice_0.send_message_to(bob, &format!("after {attempt}")).await;
-        if receives(&mut bob_1, &ack["id"], Duration::from_secs(1)).await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no message reached Bob on gateway 1 within {RECOVERY:?} of the black hole ending"
-        );
-    }
+    until_one_arrives_live(
+        &mut alice_0,
+        &mut bob_1,
+        ("to", bob),
+        "a message to Bob on gateway 1 after the black hole ended",
+    )
+    .await;
 
     // The command connections are replaced after their calls time out
     // (the proxy never closes the old sockets): the node serves again
@@ -250,7 +244,7 @@ async fn a_silent_redis_link_is_found_dead_by_the_bus_heartbeat_and_handshakes_g
     until_one_arrives_live(
         &mut bob_1,
         &mut carol_1,
-        carol,
+        ("to", carol),
         "a message from Bob to Carol on gateway 1",
     )
     .await;
@@ -316,7 +310,7 @@ async fn a_handshake_waiting_on_a_bus_that_has_not_noticed_the_black_hole_gets_5
         .await;
     proxy.close_black_holed();
     let mut bob_0 = connect_once_recovered(&stack, gw, bob, "Bob's handshake after the black hole").await;
-    until_one_arrives_live(&mut alice_0, &mut bob_0, bob, "a message to Bob").await;
+    until_one_arrives_live(&mut alice_0, &mut bob_0, ("to", bob), "a message to Bob").await;
 }
 
 /// Opens a connection of `user` on gateway `gw`, retrying while the
@@ -337,16 +331,19 @@ async fn connect_once_recovered(stack: &Stack, gw: usize, user: Uuid, what: &str
     client
 }
 
-/// Sends from `from` to `to_user` until one message is acked and reaches
-/// `to` live, for up to `RECOVERY`; fails naming `what`.
-async fn until_one_arrives_live(from: &mut Client, to: &mut Client, to_user: Uuid, what: &str) {
+/// Sends from `from` to `address` (`("to", user)` or `("chat", group)`)
+/// until one message is acked and reaches `to` live, for up to `RECOVERY`;
+/// fails naming `what`.
+async fn until_one_arrives_live(from: &mut Client, to: &mut Client, address: (&str, Uuid), what: &str) {
     let deadline = Instant::now() + RECOVERY;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let reply = from
-            .request(send(to_user, Uuid::new_v4(), &format!("{what}, attempt {attempt}")))
-            .await;
+        let id = Uuid::new_v4();
+        let mut event = json!({ "type": "send", "body": format!("message {id}"), "id": id.to_string() });
+        event[address.0] = json!(address.1.to_string());
+        event["ref"] = json!(format!("{what}, attempt {attempt}"));
+        let reply = from.request(event).await;
         if reply["type"] == "ack" && receives(to, &reply["id"], Duration::from_secs(1)).await {
             return;
         }
@@ -356,4 +353,100 @@ async fn until_one_arrives_live(from: &mut Client, to: &mut Client, to_user: Uui
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A `joined` or `left` published while a node's bus was cut off from Redis
+/// is missed; once the bus is back, the node's connections read their
+/// users' groups again: Alice's connection receives the group she was
+/// added to meanwhile, and no longer the one she left meanwhile (on another
+/// device, over HTTP).
+#[tokio::test]
+async fn membership_changed_while_the_bus_was_away_is_in_effect_once_it_is_back() {
+    let stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let api = stack.http(0);
+    let (alice, bob, carol) = (harness::user(), harness::user(), harness::user());
+    let (status, created) = api
+        .create_chat(bob, "left while away", "private", &[alice, carol])
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let old_group = harness::canonical_uuid(&created["id"], "the first group's id");
+    let mut alice_0 = stack.connect(0, alice).await;
+    let mut bob_0 = stack.connect(0, bob).await;
+    let mut carol_0 = stack.connect(0, carol).await;
+    let ack = bob_0.send_to_chat(old_group, "before").await;
+    assert!(receives(&mut alice_0, &ack["id"], DEFAULT_TIMEOUT).await);
+    assert!(receives(&mut carol_0, &ack["id"], DEFAULT_TIMEOUT).await);
+
+    // Cut the node's subscriber connections off, and keep them off: Redis
+    // takes no new connection, while the node's command connections (and
+    // this test's) stay open.
+    let mut redis = stack.redis.connection().await;
+    let info: String = ::redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let connected: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients in INFO clients");
+    let subscribers: String = ::redis::cmd("CLIENT")
+        .arg(&["LIST", "TYPE", "pubsub"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let subscribers = subscribers.lines().count();
+    assert!(subscribers > 0, "the node has subscriber connections");
+    let reconnects_before = stack.metric(0, "gateway_bus_reconnects_total", "").await;
+    let _: () = ::redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", &(connected - subscribers).to_string()])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: i64 = ::redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "pubsub"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    stack
+        .eventually("the node to notice its bus is gone", RECOVERY, async || {
+            (stack.metric(0, "gateway_bus_reconnects_total", "").await > reconnects_before).then_some(())
+        })
+        .await;
+
+    // Meanwhile Alice leaves the first group from another device, and Bob
+    // makes a second one with her: both announcements reach no one here.
+    let (status, body) = api.remove_member(alice, old_group, alice).await;
+    assert_eq!(status, 204, "{body}");
+    let (status, created) = api.create_chat(bob, "joined while away", "private", &[alice]).await;
+    assert_eq!(status, 201, "{created}");
+    let new_group = harness::canonical_uuid(&created["id"], "the second group's id");
+
+    let _: () = ::redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "10000"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // The new group reaches Alice live once the node has resynced...
+    until_one_arrives_live(
+        &mut bob_0,
+        &mut alice_0,
+        ("chat", new_group),
+        "a message to the group Alice was added to while the bus was away",
+    )
+    .await;
+    // ... and the old one no longer does, while Carol still gets it.
+    let ack = bob_0.send_to_chat(old_group, "after").await;
+    assert!(receives(&mut carol_0, &ack["id"], DEFAULT_TIMEOUT).await);
+    assert!(
+        !receives(&mut alice_0, &ack["id"], Duration::from_secs(1)).await,
+        "Alice still receives the group she left while the bus was away"
+    );
 }
