@@ -219,15 +219,26 @@ impl Session {
     /// over different connections, so a leave followed at once by a join
     /// can reach the shard after the join re-attached this connection: a
     /// user who is a member again is attached again.
+    ///
+    /// The chat stays tracked until the answer is known, and a user who is
+    /// not a member is detached here too: between the shard's detach and
+    /// now, a join this session handled may have attached the connection
+    /// again, and the session's Drop detaches only tracked chats.
     pub(super) async fn detached(&mut self, chat: ChatId) {
-        if !self.chats.remove(&chat) {
+        if !self.chats.contains(&chat) {
             return;
         }
         match self.svc.chats.check_access(chat, self.identity.user).await {
-            Ok(()) => self.joined_elsewhere(chat).await,
-            Err(ChatError::Forbidden | ChatError::NotFound) => {}
+            Ok(()) => {
+                if self.svc.hub.attach_chat(chat, self.conn.clone()).await.is_err() {
+                    tracing::warn!(%chat, "could not subscribe to a chat again after a leave; history has its messages");
+                }
+            }
             Err(e) => {
-                tracing::warn!(%chat, error = %e, "could not check a membership after a leave; not receiving the chat")
+                if !matches!(e, ChatError::Forbidden | ChatError::NotFound) {
+                    tracing::warn!(%chat, error = %e, "could not check a membership after a leave; not receiving the chat");
+                }
+                self.left_elsewhere(chat).await;
             }
         }
     }
