@@ -232,3 +232,33 @@ fn shards_spread_ids_evenly() {
     }
     assert!(counts.iter().all(|&n| (800..1200).contains(&n)), "{counts:?}");
 }
+
+#[tokio::test]
+async fn a_resync_reaches_every_connection_of_the_shards_users_and_no_chat_member_elsewhere() {
+    // One shard: the users and the chat all live in it.
+    let (hub, _) = hub(1);
+    let chat = Uuid::now_v7();
+    let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut a1 = client(1, alice, 8);
+    let mut a2 = client(2, alice, 8);
+    let mut b = client(3, bob, 8);
+    hub.attach_user(a1.conn.clone()).await.unwrap();
+    hub.attach_user(a2.conn.clone()).await.unwrap();
+    // Bob's connection receives the chat but is not registered under his
+    // user in this hub: nothing of a user's channel is its to resync.
+    hub.attach_chat(chat, b.conn.clone()).await.unwrap();
+
+    hub.resync(0).await;
+    settle(&hub, chat).await;
+    for c in [&mut a1, &mut a2] {
+        assert!(
+            matches!(c.rx.try_recv(), Ok(Outbound::Resync)),
+            "each of Alice's connections resyncs"
+        );
+        assert!(nothing_queued(c), "once");
+    }
+    assert!(
+        nothing_queued(&mut b),
+        "a connection known only as a chat member is not told to resync"
+    );
+}
