@@ -555,9 +555,23 @@ impl Worker {
             Verdict::DeadLetter => {
                 self.retries.remove(&failed.id);
                 let letter = failed.into_letter(count);
-                match dead::move_to_dead(&mut self.redis.commands, &letter).await? {
-                    Some(dead_id) => dead_lettered(&letter, &dead_id),
-                    None => tracing::debug!(id = %letter.source_id, "already stored or dead-lettered elsewhere"),
+                match dead::move_to_dead(&mut self.redis.commands, &letter).await {
+                    Ok(Some(dead_id)) => dead_lettered(&letter, &dead_id),
+                    Ok(None) => tracing::debug!(id = %letter.source_id, "already stored or dead-lettered elsewhere"),
+                    // The entry stays pending and is tried again later, and
+                    // the lane goes on: failing the batch would read this
+                    // entry first again, and again, and store nothing else.
+                    Err(e) => {
+                        metrics::counter!("persister_dead_letter_failures_total").increment(1);
+                        let wait = self.settings.retry.max_delay;
+                        tracing::error!(
+                            id = %letter.source_id,
+                            error = %e,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "could not move this entry to the dead letters; it stays pending and is tried again"
+                        );
+                        self.retries.insert(letter.source_id, Instant::now() + wait);
+                    }
                 }
             }
         }

@@ -467,3 +467,65 @@ async fn a_replay_with_a_malformed_id_moves_nothing_and_says_why() {
     assert!(dead_letters(&stack).await.is_empty());
     assert_eq!(queue_length(&stack).await, 1);
 }
+
+/// An entry that cannot be moved to the dead letters (here: not a job, and
+/// with more fields than the dead-letter script can pass to one XADD) stays
+/// pending and is tried again later, and the persister's only lane goes on
+/// storing what comes after it instead of reading that entry again forever.
+#[tokio::test]
+async fn an_entry_that_cannot_be_dead_lettered_does_not_stop_the_lane_behind_it() {
+    let mut stack = Stack::start(StackOptions {
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    start_persister(&mut stack, "p1", env(&[("PERSISTER_CONCURRENCY", "1")])).await;
+    let mut redis = stack.redis.connection().await;
+    stack
+        .eventually("p1 to have made its consumer group", WITHIN, async || {
+            let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(STREAM)
+                .query_async(&mut redis)
+                .await;
+            groups.ok().filter(|g| !g.is_empty()).map(|_| ())
+        })
+        .await;
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(STREAM).arg("*");
+    for i in 0..5_000 {
+        xadd.arg(format!("f{i}")).arg("x");
+    }
+    let foreign: String = xadd.query_async(&mut redis).await.expect("XADD of a foreign entry");
+    let tries = stack
+        .eventually("p1 to have read the foreign entry", WITHIN, async || {
+            pending(&stack)
+                .await
+                .into_iter()
+                .find(|(id, _)| *id == foreign)
+                .map(|(_, p)| p.deliveries)
+        })
+        .await;
+    println!("the foreign entry {foreign} was delivered {tries} time(s)");
+
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_ws = stack.connect(0, alice).await;
+    let message = message_id(&alice_ws.send_message_to(bob, "after the foreign entry").await);
+    stack
+        .eventually("the message behind the foreign entry stored", WITHIN, async || {
+            (stored(&stack, message).await == 1).then_some(())
+        })
+        .await;
+    assert!(
+        pending(&stack).await.iter().any(|(id, _)| *id == foreign),
+        "the foreign entry is still pending, not lost"
+    );
+    let failures = counted(
+        &stack,
+        &stack.extra_persisters[0],
+        "persister_dead_letter_failures_total",
+        "",
+    )
+    .await;
+    println!("dead-letter moves that failed: {failures}");
+}
