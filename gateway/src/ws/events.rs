@@ -5,7 +5,7 @@
 //! bus); `ping` → `pong`; `auth` → a fresh token for the same user.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shared::ids::{new_id, ChatId};
 use shared::protocol::{storable, ClientEvent, ClientFrame, ErrorCode, ServerEvent, Target};
@@ -195,19 +195,40 @@ impl Session {
     /// user's groups again and receive exactly those. The read comes after
     /// the channel is back, so a change made after it arrives as an event
     /// (and finds the connection already attached or detached).
+    ///
+    /// Every connection of the shard reads at once, just after an outage, so
+    /// a failed read is tried twice more after a random wait. A chat missing
+    /// from the user's groups is left only when its check says `forbidden`:
+    /// a Redis that lost its data (until `persister restore-redis`) knows
+    /// neither the chat nor the membership, and the connection keeps it.
     pub(super) async fn resync(&mut self) {
-        metrics::counter!("gateway_membership_resyncs_total").increment(1);
-        let groups: HashSet<ChatId> = match self.svc.chats.groups_of(self.identity.user).await {
-            Ok(groups) => groups.into_iter().collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the user's groups after the bus reconnected; membership changes made meanwhile reach this connection only through history");
-                return;
+        let mut groups = None;
+        for wait_ms in RESYNC_RETRY_MS {
+            match self.svc.chats.groups_of(self.identity.user).await {
+                Ok(read) => {
+                    groups = Some(read.into_iter().collect::<HashSet<ChatId>>());
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the user's groups after the bus reconnected failed");
+                    if let Some(ms) = wait_ms {
+                        tokio::time::sleep(Duration::from_millis(ms / 2 + rand_below(ms))).await;
+                    }
+                }
             }
+        }
+        let Some(groups) = groups else {
+            metrics::counter!("gateway_membership_resyncs_total", "outcome" => "failed").increment(1);
+            tracing::warn!("could not read the user's groups after the bus reconnected; membership changes made meanwhile reach this connection only through history");
+            return;
         };
+        metrics::counter!("gateway_membership_resyncs_total", "outcome" => "done").increment(1);
         let joined: Vec<ChatId> = groups.difference(&self.chats).copied().collect();
-        let left: Vec<ChatId> = self.chats.difference(&groups).copied().collect();
-        for chat in left {
-            self.left_elsewhere(chat).await;
+        let missing: Vec<ChatId> = self.chats.difference(&groups).copied().collect();
+        for chat in missing {
+            if let Err(ChatError::Forbidden) = self.svc.chats.check_access(chat, self.identity.user).await {
+                self.left_elsewhere(chat).await;
+            }
         }
         for chat in joined {
             self.joined_elsewhere(chat).await;
@@ -245,6 +266,15 @@ impl Session {
 }
 
 type Reply = Result<Option<ServerEvent>, (ErrorCode, String)>;
+
+/// A resync's reads: the first at once, then after about 0.2 s and 1 s
+/// (each wait between half and one and a half of the figure), then no more.
+const RESYNC_RETRY_MS: [Option<u64>; 3] = [Some(200), Some(1_000), None];
+
+/// A number in `0..n` (n > 0), spread enough to de-synchronise waits.
+fn rand_below(n: u64) -> u64 {
+    uuid::Uuid::new_v4().as_u128() as u64 % n
+}
 
 const EXACTLY_ONE: &str = "give exactly one of `to` (a user id) and `chat` (a chat id)";
 const NUL: &str = "body contains the NUL character (U+0000), which cannot be stored";

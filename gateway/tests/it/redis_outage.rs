@@ -221,6 +221,9 @@ async fn a_silent_redis_link_is_found_dead_by_the_bus_heartbeat_and_handshakes_g
     assert!(took <= OPEN_BOUND + Duration::from_secs(1), "the 503 took {took:?}");
     println!("handshake during the black hole: 503 after {took:?}");
 
+    // Replacements connect only once the black hole ends: counted from here,
+    // they include those of the membership resync's reads.
+    let replaced_before = stack.metric(gw, "gateway_redis_reconnects_total", "").await;
     // New connections get through again; the old ones stay black holes.
     proxy.restore();
 
@@ -237,7 +240,6 @@ async fn a_silent_redis_link_is_found_dead_by_the_bus_heartbeat_and_handshakes_g
     // The command connections are replaced after their calls time out
     // (the proxy never closes the old sockets): the node serves again
     // without waiting for the kernel to give up on them.
-    let replaced_before = stack.metric(gw, "gateway_redis_reconnects_total", "").await;
     // A new handshake on gateway 1 succeeds, and two users there talk live.
     let carol = harness::user();
     let mut carol_1 = connect_once_recovered(&stack, gw, carol, "a handshake after the black hole").await;
@@ -442,7 +444,18 @@ async fn membership_changed_while_the_bus_was_away_is_in_effect_once_it_is_back(
         "a message to the group Alice was added to while the bus was away",
     )
     .await;
-    // ... and the old one no longer does, while Carol still gets it.
+    // ... and the old one no longer does, while Carol still gets it (once
+    // every subscriber is back: the old group's may reconnect later).
+    stack
+        .eventually("every subscriber back", RECOVERY, async || {
+            let list: String = ::redis::cmd("CLIENT")
+                .arg(&["LIST", "TYPE", "pubsub"])
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            (list.lines().count() >= subscribers).then_some(())
+        })
+        .await;
     let ack = bob_0.send_to_chat(old_group, "after").await;
     assert!(receives(&mut carol_0, &ack["id"], DEFAULT_TIMEOUT).await);
     assert!(
