@@ -242,6 +242,12 @@ fn pg_pool(config: &Config) -> Result<Pool, StartError> {
         .map_err(|e| StartError::Database(e.to_string()))
 }
 
+/// A random number, for node tags and for spreading waits (uuid's
+/// generator: a per-thread ChaCha seeded from the OS, no system call).
+pub(crate) fn random_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u128() as u64
+}
+
 /// Handshakes the kernel may complete before the server accepts them. A
 /// burst of clients reconnecting after a node went away arrives at once;
 /// `TcpListener::bind`'s 128 made the kernel drop SYNs from 128 on (each

@@ -10,6 +10,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// The longest wait before trying again to move an entry to the dead
+/// letters after the move failed.
+pub const MOVE_RETRY_MAX: Duration = Duration::from_secs(600);
+
 /// How often a refused entry is tried, and how far apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -60,6 +64,18 @@ impl RetryPolicy {
             .checked_mul(1u32 << doublings.min(31))
             .unwrap_or(self.max_delay)
             .min(self.max_delay)
+    }
+
+    /// The wait before trying again to move an entry to the dead letters
+    /// after the move failed at its `deliveries`-th delivery: `max_delay`,
+    /// doubling with each delivery up to `MOVE_RETRY_MAX`, so an entry that
+    /// can never be moved is tried (and logged) a few times an hour.
+    pub fn move_retry_delay(&self, deliveries: u64) -> Duration {
+        let doublings = deliveries.saturating_sub(1).min(16) as u32;
+        self.max_delay
+            .saturating_mul(1 << doublings)
+            .min(MOVE_RETRY_MAX)
+            .max(self.max_delay)
     }
 
     /// The time a poison entry spends before it is dead-lettered, counting
@@ -138,6 +154,16 @@ mod tests {
             first_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(1000),
         }
+    }
+
+    #[test]
+    fn a_failed_move_to_the_dead_letters_is_retried_from_the_longest_delay_doubling_to_ten_minutes() {
+        let p = policy(6);
+        let waits: Vec<u64> = [1, 2, 3, 10, 1_000]
+            .iter()
+            .map(|&d| p.move_retry_delay(d).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 512, MOVE_RETRY_MAX.as_secs()]);
     }
 
     #[test]

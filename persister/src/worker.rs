@@ -561,20 +561,9 @@ impl Worker {
                     // The entry stays pending and is tried again later, and
                     // the lane goes on: failing the batch would read this
                     // entry first again, and again, and store nothing else.
-                    // The wait doubles with the entry's deliveries, from
-                    // PERSISTER_RETRY_MAX_MS up to DEAD_LETTER_RETRY_MAX: an
-                    // entry that can never be moved is tried, and logged,
-                    // a few times an hour, not every few seconds.
                     Err(e) => {
                         metrics::counter!("persister_dead_letter_failures_total").increment(1);
-                        let doublings = count.saturating_sub(1).min(16) as u32;
-                        let wait = self
-                            .settings
-                            .retry
-                            .max_delay
-                            .saturating_mul(1 << doublings)
-                            .min(DEAD_LETTER_RETRY_MAX)
-                            .max(self.settings.retry.max_delay);
+                        let wait = self.settings.retry.move_retry_delay(count);
                         tracing::error!(
                             id = %letter.source_id,
                             error = %e,
@@ -649,10 +638,6 @@ fn without_row(reason: &str) -> &str {
 
 /// Whether an entry that failed at its `deliveries`-th delivery is tried
 /// again: an entry that is not a job never will be.
-/// The longest wait before trying again to move an entry to the dead
-/// letters after the move failed.
-const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(600);
-
 fn decide(policy: &RetryPolicy, retryable: bool, deliveries: u64) -> Verdict {
     if retryable {
         policy.verdict(deliveries)

@@ -32,7 +32,7 @@ pub struct Origin {
 impl Origin {
     pub fn new() -> Origin {
         Origin {
-            node_tag: format!("{:016x}", rand_u64()),
+            node_tag: format!("{:016x}", crate::random_u64()),
         }
     }
 
@@ -56,10 +56,6 @@ impl Default for Origin {
     fn default() -> Self {
         Origin::new()
     }
-}
-
-fn rand_u64() -> u64 {
-    uuid::Uuid::new_v4().as_u128() as u64
 }
 
 /// The envelope the Lua scripts publish: a MessagePack array of nine

@@ -174,8 +174,16 @@ impl Session {
 
     /// The user joined `chat` (on any device): receive it here too.
     pub(super) async fn joined_elsewhere(&mut self, chat: ChatId) {
-        if self.chats.insert(chat) && self.svc.hub.attach_chat(chat, self.conn.clone()).await.is_err() {
-            tracing::warn!(%chat, "could not subscribe to a joined chat; history has its messages");
+        if self.chats.insert(chat) {
+            self.attach_tracked(chat).await;
+        }
+    }
+
+    /// Makes the hub send `chat` (already tracked) to this connection; if
+    /// the bus cannot subscribe, history has the chat's messages.
+    async fn attach_tracked(&self, chat: ChatId) {
+        if self.svc.hub.attach_chat(chat, self.conn.clone()).await.is_err() {
+            tracing::warn!(%chat, "could not subscribe to a chat of the user's; history has its messages");
         }
     }
 
@@ -212,7 +220,7 @@ impl Session {
                 Err(e) => {
                     tracing::debug!(error = %e, "reading the user's groups after the bus reconnected failed");
                     if let Some(ms) = wait_ms {
-                        tokio::time::sleep(Duration::from_millis(ms / 2 + rand_below(ms))).await;
+                        tokio::time::sleep(Duration::from_millis(ms / 2 + crate::random_u64() % ms)).await;
                     }
                 }
             }
@@ -250,11 +258,7 @@ impl Session {
             return;
         }
         match self.svc.chats.check_access(chat, self.identity.user).await {
-            Ok(()) => {
-                if self.svc.hub.attach_chat(chat, self.conn.clone()).await.is_err() {
-                    tracing::warn!(%chat, "could not subscribe to a chat again after a leave; history has its messages");
-                }
-            }
+            Ok(()) => self.attach_tracked(chat).await,
             Err(e) => {
                 if !matches!(e, ChatError::Forbidden | ChatError::NotFound) {
                     tracing::warn!(%chat, error = %e, "could not check a membership after a leave; not receiving the chat");
@@ -270,11 +274,6 @@ type Reply = Result<Option<ServerEvent>, (ErrorCode, String)>;
 /// A resync's reads: the first at once, then after about 0.2 s and 1 s
 /// (each wait between half and one and a half of the figure), then no more.
 const RESYNC_RETRY_MS: [Option<u64>; 3] = [Some(200), Some(1_000), None];
-
-/// A number in `0..n` (n > 0), spread enough to de-synchronise waits.
-fn rand_below(n: u64) -> u64 {
-    uuid::Uuid::new_v4().as_u128() as u64 % n
-}
 
 const EXACTLY_ONE: &str = "give exactly one of `to` (a user id) and `chat` (a chat id)";
 const NUL: &str = "body contains the NUL character (U+0000), which cannot be stored";

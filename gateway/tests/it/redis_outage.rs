@@ -12,8 +12,20 @@ use crate::harness::{self, Api, Client, Stack, StackOptions, DEFAULT_TIMEOUT};
 /// How long the cluster may take to recover once Redis is back.
 const RECOVERY: Duration = Duration::from_secs(30);
 
-fn send(to: Uuid, id: Uuid, reference: &str) -> Value {
-    json!({ "type": "send", "to": to.to_string(), "body": format!("message {id}"), "id": id.to_string(), "ref": reference })
+/// A `send` with `id` to `address`: `("to", user)` or `("chat", group)`.
+fn send((field, target): (&str, Uuid), id: Uuid, reference: &str) -> Value {
+    let mut event = json!({ "type": "send", "body": format!("message {id}"), "id": id.to_string(), "ref": reference });
+    event[field] = json!(target.to_string());
+    event
+}
+
+/// The subscriber (pub/sub) connections Redis has open now.
+async fn subscriber_connections(redis: &mut ::redis::aio::MultiplexedConnection) -> ::redis::RedisResult<usize> {
+    let list: String = ::redis::cmd("CLIENT")
+        .arg(&["LIST", "TYPE", "pubsub"])
+        .query_async(redis)
+        .await?;
+    Ok(list.lines().count())
 }
 
 /// Polls `/readyz` until it answers `status`; fails after `RECOVERY`.
@@ -67,11 +79,11 @@ async fn without_redis_sends_get_unavailable_connections_stay_and_all_recovers_w
     // A send is refused, not left hanging: `request` fails the test if no
     // reply comes within DEFAULT_TIMEOUT.
     let id = Uuid::new_v4();
-    let reply = alice_0.request(send(bob, id, "while down")).await;
+    let reply = alice_0.request(send(("to", bob), id, "while down")).await;
     assert_eq!(reply["type"], "error", "{reply}");
     assert_eq!(reply["code"], "unavailable", "{reply}");
     assert_eq!(reply["ref"], "while down", "{reply}");
-    let reply = bob_1.request(send(alice, Uuid::new_v4(), "other node")).await;
+    let reply = bob_1.request(send(("to", alice), Uuid::new_v4(), "other node")).await;
     assert_eq!(reply["code"], "unavailable", "{reply}");
 
     // The connections stay: ping is answered by the node itself.
@@ -90,7 +102,7 @@ async fn without_redis_sends_get_unavailable_connections_stay_and_all_recovers_w
     // node is back, and that id is then accepted.
     let deadline = Instant::now() + RECOVERY;
     let accepted = loop {
-        let reply = alice_0.request(send(bob, id, "retry")).await;
+        let reply = alice_0.request(send(("to", bob), id, "retry")).await;
         match (reply["type"].as_str(), reply["code"].as_str()) {
             (Some("ack"), _) => break reply,
             (Some("error"), Some("unavailable")) if Instant::now() < deadline => {
@@ -341,11 +353,9 @@ async fn until_one_arrives_live(from: &mut Client, to: &mut Client, address: (&s
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let id = Uuid::new_v4();
-        let mut event = json!({ "type": "send", "body": format!("message {id}"), "id": id.to_string() });
-        event[address.0] = json!(address.1.to_string());
-        event["ref"] = json!(format!("{what}, attempt {attempt}"));
-        let reply = from.request(event).await;
+        let reply = from
+            .request(send(address, Uuid::new_v4(), &format!("{what}, attempt {attempt}")))
+            .await;
         if reply["type"] == "ack" && receives(to, &reply["id"], Duration::from_secs(1)).await {
             return;
         }
@@ -398,12 +408,7 @@ async fn membership_changed_while_the_bus_was_away_is_in_effect_once_it_is_back(
         .find_map(|l| l.strip_prefix("connected_clients:"))
         .and_then(|n| n.trim().parse().ok())
         .expect("connected_clients in INFO clients");
-    let subscribers: String = ::redis::cmd("CLIENT")
-        .arg(&["LIST", "TYPE", "pubsub"])
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let subscribers = subscribers.lines().count();
+    let subscribers = subscriber_connections(&mut redis).await.unwrap();
     assert!(subscribers > 0, "the node has subscriber connections");
     let reconnects_before = stack.metric(0, "gateway_bus_reconnects_total", "").await;
     let _: () = ::redis::cmd("CONFIG")
@@ -448,12 +453,7 @@ async fn membership_changed_while_the_bus_was_away_is_in_effect_once_it_is_back(
     // every subscriber is back: the old group's may reconnect later).
     stack
         .eventually("every subscriber back", RECOVERY, async || {
-            let list: String = ::redis::cmd("CLIENT")
-                .arg(&["LIST", "TYPE", "pubsub"])
-                .query_async(&mut redis)
-                .await
-                .ok()?;
-            (list.lines().count() >= subscribers).then_some(())
+            (subscriber_connections(&mut redis).await.ok()? >= subscribers).then_some(())
         })
         .await;
     let ack = bob_0.send_to_chat(old_group, "after").await;
