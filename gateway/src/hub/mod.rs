@@ -89,10 +89,9 @@ impl Conn {
     fn push(&self, item: Outbound) {
         match self.outbound.try_send(item) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("gateway_slow_reader_closes_total").increment(1);
-                self.overflow.cancel();
-            }
+            // Counted once, by the session that closes (a connection keeps
+            // overflowing until its session gets to the token).
+            Err(mpsc::error::TrySendError::Full(_)) => self.overflow.cancel(),
             // The session ended; its detach is on the way.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }

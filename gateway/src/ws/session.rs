@@ -117,10 +117,25 @@ impl Session {
         // spell it re-registers once.
         let stall = tokio::time::sleep(silence);
         tokio::pin!(overflow, closing, expiry, stall);
+        // Set after a write of queued frames: the client's frames come next.
+        let mut client_turn = false;
         let flow = loop {
             if expiry.deadline() != self.expires {
                 // The client renewed its token.
                 expiry.as_mut().reset(self.expires);
+            }
+            // The select below serves the queue before the socket. A reader
+            // a little slower than its chats keeps the queue from ever being
+            // empty, so after each write batch a frame the client has
+            // already sent is read first: its sends and pongs wait at most
+            // one batch, not until the queue runs dry.
+            if std::mem::take(&mut client_turn) {
+                if let Some(frame) = ws.next().now_or_never() {
+                    match self.on_read(frame, &mut ws).await {
+                        Flow::Continue => continue,
+                        flow => break flow,
+                    }
+                }
             }
             let flow = tokio::select! {
                 biased;
@@ -134,6 +149,7 @@ impl Session {
                     // still end it, and a write stalled as long as a silent
                     // client may be is a gone client.
                     Some(first) => {
+                        client_turn = true;
                         stall.as_mut().reset(Instant::now() + silence);
                         tokio::select! {
                             biased;
@@ -149,18 +165,16 @@ impl Session {
                     }
                     None => Flow::Gone,
                 },
-                frame = ws.next() => match frame {
-                    None => Flow::Gone,
-                    Some(Err(e)) if is_too_big(&e) => Flow::Close(close::TOO_BIG, "frame too large"),
-                    Some(Err(_)) => Flow::Gone,
-                    Some(Ok(msg)) => self.on_frame(msg, &mut ws).await,
-                },
+                frame = ws.next() => self.on_read(frame, &mut ws).await,
             };
             if !matches!(flow, Flow::Continue) {
                 break flow;
             }
         };
         if let Flow::Close(code, reason) = flow {
+            if code == close::POLICY {
+                metrics::counter!("gateway_slow_reader_closes_total").increment(1);
+            }
             metrics::counter!("gateway_closes_total", "code" => code.to_string()).increment(1);
             // A draining node has its grace period; keep a fifth of it spare
             // for the server itself. Otherwise the close takes at most a few seconds.
@@ -233,6 +247,16 @@ impl Session {
             return Flow::Gone;
         }
         self.send_bounded(ws, WsMessage::Ping(Default::default())).await
+    }
+
+    /// What the socket gave: a frame, a read error, or its end.
+    async fn on_read(&mut self, read: Option<Result<WsMessage, tungstenite::Error>>, ws: &mut Socket) -> Flow {
+        match read {
+            None => Flow::Gone,
+            Some(Err(e)) if is_too_big(&e) => Flow::Close(close::TOO_BIG, "frame too large"),
+            Some(Err(_)) => Flow::Gone,
+            Some(Ok(msg)) => self.on_frame(msg, ws).await,
+        }
     }
 
     async fn on_frame(&mut self, msg: WsMessage, ws: &mut Socket) -> Flow {

@@ -401,6 +401,21 @@ async fn a_frame_over_the_configured_limit_closes_with_1009_and_others_carry_on(
     stack.connect(0, alice).await.ping().await;
 }
 
+/// `user` on gateway 0 with a 4 KiB receive buffer: when it stops reading,
+/// the gateway's writes to it back up within a few frames.
+async fn connect_with_a_small_buffer(stack: &Stack, user: Uuid) -> Client {
+    let options = ConnectOptions {
+        recv_buffer: Some(4096),
+        ..ConnectOptions::default()
+    };
+    let mut client = stack
+        .try_connect_options(0, Some(&stack.token(user)), &options)
+        .await
+        .expect("upgrade");
+    client.user = Some(user);
+    client
+}
+
 /// A client that stops reading while someone sends it large messages: its
 /// outgoing queue (8 frames here) fills once the socket buffers are full,
 /// and the gateway closes it with 1008, even though it reads nothing at all.
@@ -421,15 +436,7 @@ async fn a_client_that_stops_reading_is_closed_with_1008_and_loses_nothing_from_
     })
     .await;
     let (alice, bob) = (harness::user(), harness::user());
-    let options = ConnectOptions {
-        recv_buffer: Some(4096),
-        ..ConnectOptions::default()
-    };
-    let mut slow = stack
-        .try_connect_options(0, Some(&stack.token(alice)), &options)
-        .await
-        .expect("upgrade");
-    slow.user = Some(alice);
+    let mut slow = connect_with_a_small_buffer(&stack, alice).await;
     let mut sender = stack.connect(0, bob).await;
     let mut others = Bystanders::connect(&stack, 0).await;
 
@@ -456,6 +463,11 @@ async fn a_client_that_stops_reading_is_closed_with_1008_and_loses_nothing_from_
         batch_no += 1;
     }
     others.still_served("after alice's queue overflowed").await;
+    assert_eq!(
+        stack.metric(0, "gateway_slow_reader_closes_total", "").await,
+        1.0,
+        "one connection closed for overflow, however many frames found its queue full"
+    );
 
     // Now she reads: what fitted in the buffers, in order, then the close.
     let mut received = Vec::new();
@@ -491,6 +503,69 @@ async fn a_client_that_stops_reading_is_closed_with_1008_and_loses_nothing_from_
         .await;
     let stored: Vec<Value> = history.iter().map(|m| m["id"].clone()).collect();
     assert_eq!(stored, sent);
+}
+
+/// A client behind on its messages is still heard: with hundreds of frames
+/// queued for it, its `ping` is answered once the socket buffers and at most
+/// one write batch are through, not after the whole backlog. (Before, the
+/// session read the client only when its queue was empty, so a reader a
+/// little slower than its chats had its sends and pongs wait until it was
+/// dropped as silent.)
+#[tokio::test]
+async fn a_client_with_a_backlog_is_answered_before_its_backlog_is_through() {
+    const BODY: usize = 4000;
+    const BACKLOG: usize = 2000;
+    let stack = Stack::start(one_gateway(&[
+        // Room for the whole backlog: nothing here may overflow. It is
+        // larger than the socket buffers can take (up to 4 MiB with the
+        // kernel's default tcp_wmem), so most of it waits in the queue.
+        ("GATEWAY_OUTBOUND_QUEUE", "4096"),
+        ("GATEWAY_SEND_RATE", "100000"),
+        ("GATEWAY_SEND_BURST", "100000"),
+    ]))
+    .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_ws = connect_with_a_small_buffer(&stack, alice).await;
+    let mut sender = stack.connect(0, bob).await;
+
+    // Alice reads nothing while Bob's messages pile up for her: 8 MB, some
+    // in the socket buffers, the rest in her queue on the gateway.
+    for i in 0..BACKLOG {
+        let body = format!("{i} {}", "x".repeat(BODY));
+        sender
+            .send_json(json!({ "type": "send", "to": alice.to_string(), "body": body }))
+            .await;
+    }
+    let acks = sender.expect_n("ack", BACKLOG, DEFAULT_TIMEOUT).await;
+
+    // Now she pings and reads on.
+    alice_ws.send_json(json!({ "type": "ping", "ref": "behind" })).await;
+    let mut before_pong = Vec::new();
+    let mut after_pong = Vec::new();
+    let mut ponged = false;
+    while before_pong.len() + after_pong.len() < BACKLOG {
+        let event = alice_ws.next_event(DEFAULT_TIMEOUT).await;
+        match event["type"].as_str() {
+            Some("message") if ponged => after_pong.push(event["id"].clone()),
+            Some("message") => before_pong.push(event["id"].clone()),
+            Some("pong") if event["ref"] == "behind" => ponged = true,
+            _ => panic!("unexpected {event}"),
+        }
+    }
+    println!(
+        "backlog of {BACKLOG}: pong after {} messages, {} after it",
+        before_pong.len(),
+        after_pong.len()
+    );
+    assert!(ponged, "no pong after all {BACKLOG} messages");
+    assert!(
+        !after_pong.is_empty(),
+        "the pong came only after the whole backlog of {BACKLOG} messages"
+    );
+    // The answer jumped the queue; the messages kept their order, all of them.
+    let received: Vec<Value> = before_pong.into_iter().chain(after_pong).collect();
+    let sent: Vec<Value> = acks.iter().map(|a| a["id"].clone()).collect();
+    assert_eq!(received, sent);
 }
 
 #[tokio::test]
