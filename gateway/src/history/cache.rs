@@ -4,7 +4,8 @@
 //! set scored by seq, values in `shared::cache`'s MessagePack format) and
 //! trims it to the newest `CHAT_CACHE_SIZE`; `chat:<id>:recent:floor` says
 //! from which seq on the set holds every message of the chat (0: from the
-//! first). Both expire after `CHAT_CACHE_TTL_SECS` without writes or reads.
+//! first). Both expire `CHAT_CACHE_TTL_SECS` after the last read, refill,
+//! start of the cache or 16th message (writes renew the TTL when they trim).
 //! This module reads windows from it, proving from the floor that a window is
 //! complete, and fills it from PostgreSQL's rows, never claiming a message
 //! still in the queue (in neither) as absent. It never decides access.

@@ -527,3 +527,41 @@ async fn a_private_message_sent_by_chat_id_is_cached_with_its_recipient() {
     );
     assert_eq!(page, history(&stack, 1, bob, chat, "limit=10").await);
 }
+
+/// The cache of a chat expires (`CHAT_CACHE_TTL_SECS`, 1 h by default) from
+/// its first message on; the accept script renews the TTL when it trims
+/// (every 16th seq) rather than on every message, so a chat that stops is
+/// not cached forever and an active one stays cached.
+#[tokio::test]
+async fn a_chats_cache_expires_from_its_first_message_and_is_renewed_while_active() {
+    let stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: false,
+        env: vec![("CHAT_CACHE_SIZE".into(), CACHE_SIZE.to_string())],
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob) = (user(), user());
+    let chat = private_chat(alice, bob);
+    let keys = [format!("chat:{chat}:recent"), format!("chat:{chat}:recent:floor")];
+    let mut redis = stack.redis.connection().await;
+    let mut client = stack.connect(0, alice).await;
+
+    client.send_message_to(bob, "the first").await;
+    for key in &keys {
+        let ttl: i64 = redis.ttl(key).await.unwrap();
+        assert!((1..=3600).contains(&ttl), "{key} has TTL {ttl} after the first message");
+    }
+
+    // Shorten the TTL by hand; by seq 16 it is renewed to the full hour.
+    for key in &keys {
+        let _: bool = redis.expire(key, 100).await.unwrap();
+    }
+    for i in 2..=16 {
+        client.send_message_to(bob, &format!("message {i}")).await;
+    }
+    for key in &keys {
+        let ttl: i64 = redis.ttl(key).await.unwrap();
+        assert!((101..=3600).contains(&ttl), "{key} has TTL {ttl} after seq 16");
+    }
+}
