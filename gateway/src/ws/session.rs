@@ -62,6 +62,13 @@ enum Flow {
     Gone,
 }
 
+/// What one turn of the session's loop came to: a read from the client to
+/// handle, or the outcome of anything else.
+enum Next {
+    Read(Option<Result<WsMessage, tungstenite::Error>>),
+    Done(Flow),
+}
+
 impl Session {
     pub(super) fn new(
         svc: Arc<Services>,
@@ -95,129 +102,147 @@ impl Session {
     /// The loop wakes for every frame the hub queues, so what it waits on is
     /// built once, outside it: re-creating a timer or a cancellation future
     /// per wake costs a timer-wheel insertion or a lock each time.
-    pub async fn run(mut self, mut ws: Socket) {
-        metrics::gauge!("gateway_connections").increment(1.0);
-        let overflow_token = self.conn.overflow_token();
-        let overflow = overflow_token.cancelled();
-        // Once the node drains, this session waits for its turn to close
-        // (paced node-wide) and keeps serving meanwhile. A child token: its
-        // lock is this session's, not one shared by every session.
-        let shutdown = self.svc.shutdown.child_token();
-        let svc = self.svc.clone();
-        let closing = async move {
-            shutdown.cancelled().await;
-            svc.drain.turn(svc.sessions.len()).await;
-        };
-        let (ping_every, ping_timeout) = (self.svc.config.ping_interval, self.svc.config.ping_timeout);
-        let silence = ping_every + ping_timeout;
-        let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-        let expiry = tokio::time::sleep_until(self.expires);
-        // Armed before each write of queued frames: moving the deadline of a
-        // timer that has not fired yet is lock-free in tokio; after an idle
-        // spell it re-registers once.
-        let stall = tokio::time::sleep(silence);
-        tokio::pin!(overflow, closing, expiry, stall);
-        // Set after a write of queued frames: the client's frames come next.
-        let mut client_turn = false;
-        let flow = loop {
-            if expiry.deadline() != self.expires {
-                // The client renewed its token.
-                expiry.as_mut().reset(self.expires);
-            }
-            // The select below serves the queue before the socket. A reader
-            // a little slower than its chats keeps the queue from ever being
-            // empty, so after each write batch a frame the client has
-            // already sent is read first: its sends and pongs wait at most
-            // one batch, not until the queue runs dry.
-            if std::mem::take(&mut client_turn) {
-                if let Some(frame) = ws.next().now_or_never() {
-                    match self.on_read(frame, &mut ws).await {
-                        Flow::Continue => continue,
-                        flow => break flow,
-                    }
+    ///
+    /// Not an `async fn`: that would keep the session and the socket twice
+    /// in every session's future, as the arguments and as the locals they
+    /// are moved into (536 bytes per connection, rust-lang/rust#62958).
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(mut self, mut ws: Socket) -> impl std::future::Future<Output = ()> {
+        async move {
+            metrics::gauge!("gateway_connections").increment(1.0);
+            let overflow_token = self.conn.overflow_token();
+            let overflow = overflow_token.cancelled();
+            // Once the node drains, this session waits for its turn to close
+            // (paced node-wide) and keeps serving meanwhile. A child token: its
+            // lock is this session's, not one shared by every session.
+            let shutdown = self.svc.shutdown.child_token();
+            let svc = self.svc.clone();
+            let closing = async move {
+                shutdown.cancelled().await;
+                svc.drain.turn(svc.sessions.len()).await;
+            };
+            let (ping_every, ping_timeout) = (self.svc.config.ping_interval, self.svc.config.ping_timeout);
+            let silence = ping_every + ping_timeout;
+            let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+            let expiry = tokio::time::sleep_until(self.expires);
+            // Armed before each write of queued frames: moving the deadline of a
+            // timer that has not fired yet is lock-free in tokio; after an idle
+            // spell it re-registers once.
+            let stall = tokio::time::sleep(silence);
+            tokio::pin!(overflow, closing, expiry, stall);
+            // Set after a write of queued frames: the client's frames come next.
+            let mut client_turn = false;
+            let flow = loop {
+                if expiry.deadline() != self.expires {
+                    // The client renewed its token.
+                    expiry.as_mut().reset(self.expires);
                 }
-            }
-            let flow = tokio::select! {
-                biased;
-                _ = &mut overflow => Flow::Close(close::POLICY, "outgoing queue overflow"),
-                _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
-                _ = &mut expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
-                _ = pings.tick() => self.ping(&mut ws, silence).await,
-                out = self.rx.recv() => match out {
-                    // A client that stops reading blocks this write once the
-                    // socket buffers are full: the reasons to close must
-                    // still end it, and a write stalled as long as a silent
-                    // client may be is a gone client.
-                    Some(first) => {
-                        client_turn = true;
-                        stall.as_mut().reset(Instant::now() + silence);
-                        tokio::select! {
-                            biased;
-                            _ = &mut overflow => Flow::Close(close::POLICY, "outgoing queue overflow"),
-                            _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
-                            _ = &mut expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
-                            _ = &mut stall => {
-                                metrics::counter!("gateway_silent_drops_total").increment(1);
-                                Flow::Gone
+                // The select below serves the queue before the socket. A reader
+                // a little slower than its chats keeps the queue from ever being
+                // empty, so after each write batch a frame the client has
+                // already sent is read first: its sends and pongs wait at most
+                // one batch, not until the queue runs dry.
+                let ready = match std::mem::take(&mut client_turn) {
+                    true => ws.next().now_or_never(),
+                    false => None,
+                };
+                let next = match ready {
+                    Some(read) => Next::Read(read),
+                    None => tokio::select! {
+                        biased;
+                        _ = &mut overflow => Next::Done(Flow::Close(close::POLICY, "outgoing queue overflow")),
+                        _ = &mut closing => Next::Done(Flow::Close(close::GOING_AWAY, "node shutting down")),
+                        _ = &mut expiry => Next::Done(Flow::Close(close::TOKEN_EXPIRED, "token expired")),
+                        _ = pings.tick() => Next::Done(self.ping(&mut ws, silence).await),
+                        out = self.rx.recv() => Next::Done(match out {
+                            // A client that stops reading blocks this write once the
+                            // socket buffers are full: the reasons to close must
+                            // still end it, and a write stalled as long as a silent
+                            // client may be is a gone client.
+                            Some(first) => {
+                                client_turn = true;
+                                stall.as_mut().reset(Instant::now() + silence);
+                                tokio::select! {
+                                    biased;
+                                    _ = &mut overflow => Flow::Close(close::POLICY, "outgoing queue overflow"),
+                                    _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
+                                    _ = &mut expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
+                                    _ = &mut stall => {
+                                        metrics::counter!("gateway_silent_drops_total").increment(1);
+                                        Flow::Gone
+                                    }
+                                    flow = self.write_queued(first, &mut ws) => flow,
+                                }
                             }
-                            flow = self.write_queued(first, &mut ws) => flow,
+                            None => Flow::Gone,
+                        }),
+                        read = ws.next() => Next::Read(read),
+                    },
+                };
+                // Every idle connection holds this future at its largest
+                // state, so the handler of a client frame, the largest thing
+                // it awaits (a send's Redis call and more), is boxed and
+                // awaited in one place (tests::a_sessions_future_stays_small).
+                let flow = match next {
+                    Next::Read(Some(Ok(msg))) => Box::pin(self.on_frame(msg, &mut ws)).await,
+                    Next::Read(None) => Flow::Gone,
+                    Next::Read(Some(Err(e))) if is_too_big(&e) => Flow::Close(close::TOO_BIG, "frame too large"),
+                    Next::Read(Some(Err(_))) => Flow::Gone,
+                    Next::Done(flow) => flow,
+                };
+                if !matches!(flow, Flow::Continue) {
+                    break flow;
+                }
+            };
+            if let Flow::Close(code, reason) = flow {
+                if code == close::POLICY {
+                    metrics::counter!("gateway_slow_reader_closes_total").increment(1);
+                }
+                metrics::counter!("gateway_closes_total", "code" => code.to_string()).increment(1);
+                // A draining node has its grace period; keep a fifth of it spare
+                // for the server itself. Otherwise the close takes at most a few seconds.
+                let deadline = if code == close::GOING_AWAY {
+                    self.svc.drain.deadline()
+                } else {
+                    Instant::now() + CLOSE_LINGER
+                };
+                if code == close::GOING_AWAY {
+                    // Events the client sent before it could know we are leaving
+                    // get their answers (ack or error) before the Close frame.
+                    let answering = (Instant::now() + DRAIN_ANSWERING).min(deadline);
+                    // Boxed for the same reason as the handler above.
+                    Box::pin(self.answer_received(&mut ws, answering)).await;
+                }
+                // A slow reader gets the Close frame only after what it has not
+                // read yet: give it as long as a silent client gets.
+                let close_write = if code == close::POLICY {
+                    ping_every + ping_timeout
+                } else {
+                    CLOSE_WRITE
+                };
+                let _ = tokio::time::timeout(
+                    close_write,
+                    ws.send(WsMessage::Close(Some(CloseFrame {
+                        code: code.into(),
+                        reason: reason.into(),
+                    }))),
+                )
+                .await;
+                // Read, and drop, until the client's Close: closing a socket with
+                // unread bytes makes the kernel send a reset, which would discard
+                // the acks and the Close frame still on their way to the client.
+                let _ = tokio::time::timeout_at(deadline, async {
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if msg.is_close() {
+                            break;
                         }
                     }
-                    None => Flow::Gone,
-                },
-                frame = ws.next() => self.on_read(frame, &mut ws).await,
-            };
-            if !matches!(flow, Flow::Continue) {
-                break flow;
+                })
+                .await;
+                let _ = tokio::time::timeout(CLOSE_WRITE, SinkExt::close(&mut ws)).await;
             }
-        };
-        if let Flow::Close(code, reason) = flow {
-            if code == close::POLICY {
-                metrics::counter!("gateway_slow_reader_closes_total").increment(1);
-            }
-            metrics::counter!("gateway_closes_total", "code" => code.to_string()).increment(1);
-            // A draining node has its grace period; keep a fifth of it spare
-            // for the server itself. Otherwise the close takes at most a few seconds.
-            let deadline = if code == close::GOING_AWAY {
-                self.svc.drain.deadline()
-            } else {
-                Instant::now() + CLOSE_LINGER
-            };
-            if code == close::GOING_AWAY {
-                // Events the client sent before it could know we are leaving
-                // get their answers (ack or error) before the Close frame.
-                let answering = (Instant::now() + DRAIN_ANSWERING).min(deadline);
-                self.answer_received(&mut ws, answering).await;
-            }
-            // A slow reader gets the Close frame only after what it has not
-            // read yet: give it as long as a silent client gets.
-            let close_write = if code == close::POLICY {
-                ping_every + ping_timeout
-            } else {
-                CLOSE_WRITE
-            };
-            let _ = tokio::time::timeout(
-                close_write,
-                ws.send(WsMessage::Close(Some(CloseFrame {
-                    code: code.into(),
-                    reason: reason.into(),
-                }))),
-            )
-            .await;
-            // Read, and drop, until the client's Close: closing a socket with
-            // unread bytes makes the kernel send a reset, which would discard
-            // the acks and the Close frame still on their way to the client.
-            let _ = tokio::time::timeout_at(deadline, async {
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_close() {
-                        break;
-                    }
-                }
-            })
-            .await;
-            let _ = tokio::time::timeout(CLOSE_WRITE, SinkExt::close(&mut ws)).await;
+            metrics::gauge!("gateway_connections").decrement(1.0);
         }
-        metrics::gauge!("gateway_connections").decrement(1.0);
     }
 
     /// Handles the frames already received and readable now, without waiting
@@ -247,16 +272,6 @@ impl Session {
             return Flow::Gone;
         }
         self.send_bounded(ws, WsMessage::Ping(Default::default())).await
-    }
-
-    /// What the socket gave: a frame, a read error, or its end.
-    async fn on_read(&mut self, read: Option<Result<WsMessage, tungstenite::Error>>, ws: &mut Socket) -> Flow {
-        match read {
-            None => Flow::Gone,
-            Some(Err(e)) if is_too_big(&e) => Flow::Close(close::TOO_BIG, "frame too large"),
-            Some(Err(_)) => Flow::Gone,
-            Some(Ok(msg)) => self.on_frame(msg, ws).await,
-        }
     }
 
     async fn on_frame(&mut self, msg: WsMessage, ws: &mut Socket) -> Flow {
@@ -372,4 +387,25 @@ pub(super) fn expiry_instant(exp: i64) -> Instant {
 /// Whether a read failed because the frame was over the size limit.
 fn is_too_big(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Capacity(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, R>(_: impl FnOnce(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every open connection holds its session's future, so its size is
+    /// memory per idle connection (docs/benchmarks.md): 4,760 bytes once,
+    /// 3,104 in a release build with the handlers boxed and `run` not an
+    /// `async fn`. A bound with room, so that what grows it is noticed.
+    #[test]
+    fn a_sessions_future_stays_small() {
+        let size = returned_size(|(session, ws): (Session, Socket)| session.run(ws));
+        println!("Session::run's future: {size} bytes");
+        assert!(size <= 3_600, "Session::run's future is {size} bytes");
+    }
 }
