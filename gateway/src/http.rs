@@ -163,7 +163,13 @@ pub fn routes(svc: Arc<Services>) -> impl Filter<Extract = (Response,), Error = 
 
 /// The caller's identity from `Authorization: Bearer` or `?token=`; 401 otherwise.
 fn identity(verifier: crate::auth::Verifier) -> impl Filter<Extract = (Identity,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
+    // The raw value: one that is not text is a malformed token (401), which
+    // warp's typed `header::optional` would reject as a bad request.
+    let authorization = warp::header::value("authorization")
+        .map(|value: warp::http::HeaderValue| Some(value.to_str().unwrap_or_default().to_owned()))
+        .or(warp::any().map(|| None))
+        .unify();
+    authorization
         .and(
             warp::query::<HashMap<String, String>>()
                 .or(warp::any().map(HashMap::new))
@@ -357,6 +363,8 @@ async fn history(svc: Arc<Services>, who: Identity, chat: String, query: HashMap
         None => DEFAULT_LIMIT,
         Some(l) => match l.parse::<i64>() {
             Ok(n) if n >= 1 => n.min(MAX_LIMIT),
+            // A number too large for i64 is still above the maximum.
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => MAX_LIMIT,
             _ => {
                 return Err(ApiError::bad_request(format!(
                     "limit must be a positive integer, got {l:?}"
@@ -388,14 +396,24 @@ async fn history(svc: Arc<Services>, who: Identity, chat: String, query: HashMap
 
 /// The seq of cursor message `id`: from its idempotency record in Redis
 /// while it lasts (which also covers a message accepted but not stored yet),
-/// else from PostgreSQL.
+/// else from PostgreSQL. A cursor found in neither is a bad request only
+/// when Redis answered: one it could not ask may name a message still in
+/// the queue, and the client must retry rather than drop its cursor.
 async fn position(svc: &Services, chat: ChatId, id: uuid::Uuid, which: &str) -> Result<i64, ApiError> {
-    if let Ok(Some(seq)) = svc.chats.seq_of(chat, id).await {
+    let in_redis = svc.chats.seq_of(chat, id).await;
+    if let Ok(Some(seq)) = in_redis {
         return Ok(seq);
     }
-    svc.history
+    let stored = svc
+        .history
         .seq_of(chat, id)
         .await
-        .map_err(|e| ApiError::new(e.code(), e.to_string()))?
-        .ok_or_else(|| ApiError::bad_request(format!("`{which}` names no message of this chat")))
+        .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
+    match (stored, in_redis) {
+        (Some(seq), _) => Ok(seq),
+        (None, Err(e)) => Err(e.into()),
+        (None, Ok(_)) => Err(ApiError::bad_request(format!(
+            "`{which}` names no message of this chat"
+        ))),
+    }
 }

@@ -195,3 +195,32 @@ async fn a_connection_whose_token_expires_is_closed_with_4001_unless_auth_renewe
     renewed.ping().await;
     renewed.expect_none("__close", Duration::from_millis(200)).await;
 }
+
+/// An `Authorization` header that is not text (bytes above 0x7f) is a
+/// malformed token: 401 on REST and on the WebSocket handshake, like any
+/// other, not a 400.
+#[tokio::test]
+async fn an_authorization_header_that_is_not_text_gets_401() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let stack = Stack::start(one_gateway()).await;
+    let addr = stack.gateways[0].addr;
+    for path in ["/v1/chats", "/v1/ws"] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connecting");
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Authorization: Bearer "
+        )
+        .into_bytes();
+        request.extend_from_slice(b"\xff\xfe\r\n\r\n");
+        stream.write_all(&request).await.expect("writing the request");
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+            .await
+            .expect("the response took too long")
+            .expect("reading the response");
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 401"), "GET {path}: {response}");
+    }
+}

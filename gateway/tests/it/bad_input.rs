@@ -357,3 +357,63 @@ async fn a_client_whose_first_frame_is_messagepack_is_answered_in_messagepack() 
     let pong = msgpack_frame(&mut alice_0, "pong").await;
     assert_eq!(pong["ref"], "p3");
 }
+
+/// History's query (docs/api.md): a `limit` above 500 is 500, however large
+/// the number; below 1 it is a bad request. A cursor that names no message
+/// is a bad request too, but one that Redis could not look up may name a
+/// message still in the queue: that is `unavailable` (503), so the client
+/// retries instead of giving up its place.
+#[tokio::test]
+async fn history_treats_a_huge_limit_as_the_maximum_and_an_unreadable_cursor_as_unavailable() {
+    let stack = Stack::start(one_gateway()).await;
+    let api = stack.http(0);
+    let alice = harness::user();
+    let (status, created) = api.create_chat(alice, "history", "public", &[]).await;
+    assert_eq!(status, 201, "{created}");
+    let chat = harness::canonical_uuid(&created["id"], "the new chat's id");
+    let mut client = stack.connect(0, alice).await;
+    // No persister: the message stays in the queue, and its cursor is known
+    // only to Redis.
+    let ack = client.send_to_chat(chat, "still in the queue").await;
+    let id = ack["id"].as_str().expect("the ack's id").to_string();
+
+    for limit in ["501", "99999999999999999999"] {
+        let (status, body) = api.history(alice, chat, &format!("limit={limit}")).await;
+        assert_eq!(status, 200, "limit={limit}: {body}");
+        assert_eq!(
+            body["messages"].as_array().map(Vec::len),
+            Some(1),
+            "limit={limit}: {body}"
+        );
+    }
+    for limit in ["0", "-99999999999999999999", "ten"] {
+        let (status, body) = api.history(alice, chat, &format!("limit={limit}")).await;
+        assert_eq!(
+            (status, &body["code"]),
+            (400, &json!("bad_request")),
+            "limit={limit}: {body}"
+        );
+    }
+
+    let (status, body) = api.history(alice, chat, &format!("after={}", Uuid::now_v7())).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (400, &json!("bad_request")),
+        "an unknown cursor: {body}"
+    );
+    let (status, body) = api.history(alice, chat, &format!("after={id}")).await;
+    assert_eq!(status, 200, "the cursor of a message in the queue: {body}");
+
+    // Redis cannot read the cursor's record (a wrong type stands in for a
+    // timeout): PostgreSQL does not have the message yet either.
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis::AsyncCommands::set(&mut redis, format!("msg:{id}"), "not a hash")
+        .await
+        .expect("SET");
+    let (status, body) = api.history(alice, chat, &format!("after={id}")).await;
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &json!("unavailable")),
+        "a cursor Redis could not look up: {body}"
+    );
+}
