@@ -68,8 +68,10 @@ impl RetryPolicy {
 
     /// The wait before trying again to move an entry to the dead letters
     /// after the move failed at its `deliveries`-th delivery: `max_delay`,
-    /// doubling with each delivery up to `MOVE_RETRY_MAX`, so an entry that
-    /// can never be moved is tried (and logged) a few times an hour.
+    /// doubling with each delivery up to `MOVE_RETRY_MAX`. A takeover of
+    /// entries idle for `PERSISTER_CLAIM_IDLE_MS` claims it sooner, so an
+    /// entry that can never be moved is tried (and logged) about that often
+    /// (docs/queue.md).
     pub fn move_retry_delay(&self, deliveries: u64) -> Duration {
         let doublings = deliveries.saturating_sub(1).min(16) as u32;
         self.max_delay

@@ -2,8 +2,9 @@
 //!
 //! Owns the connection pool and the write statements. Every write is
 //! idempotent, because the queue delivers at least once: messages and chats
-//! are inserted with `ON CONFLICT (id) DO NOTHING` semantics, memberships
-//! are upserted keeping the highest `version`. Messages, nearly all of the
+//! are inserted with `ON CONFLICT (id) DO NOTHING` semantics (a message
+//! whose id is stored for a different message is refused, not skipped),
+//! memberships are upserted keeping the highest `version`. Messages, nearly all of the
 //! volume, are sent with `COPY ... (FORMAT binary)`: first straight into
 //! `messages`, which fails as a whole if one of them is stored already; then,
 //! only in that case, into a temporary table (`messages_in`, one per
@@ -39,6 +40,16 @@ const COPY_MESSAGES: &str = "COPY messages_in (id, chat, seq, sender, recipient,
 const INSERT_MESSAGES: &str = "INSERT INTO messages (id, chat, seq, sender, recipient, body, ts)
     SELECT id, chat, seq, sender, recipient, body, ts FROM messages_in
     ON CONFLICT (id) DO NOTHING";
+/// A staged message whose id is stored for another message: another chat,
+/// sender or body. `ON CONFLICT (id) DO NOTHING` took it for a redelivery;
+/// it is a second message under a reused id (a client's own id, used again
+/// once the gateway's idempotency record had expired or was lost), and
+/// skipping it would drop an acked message without a trace. The same
+/// message resent under its id after such a loss has a new seq but the same
+/// chat, sender and body: that one is a duplicate, and stays skipped. Run
+/// after the INSERT, in its transaction: the rows it added match themselves.
+const TAKEN_IDS: &str = "SELECT i.id FROM messages_in i JOIN messages m ON m.id = i.id
+    WHERE (m.chat, m.sender, m.body) IS DISTINCT FROM (i.chat, i.sender, i.body) LIMIT 1";
 /// COPY data is sent in chunks of about this size.
 const COPY_CHUNK: usize = 256 * 1024;
 
@@ -50,6 +61,8 @@ pub enum StoreError {
     Pool(#[from] PoolError),
     #[error("PostgreSQL: {}", chain(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("message id {0} is stored for another message (another chat, sender or body): the id was reused")]
+    IdTaken(Uuid),
 }
 
 /// An error with its causes, on one line: tokio-postgres says only "db
@@ -81,6 +94,8 @@ impl StoreError {
             StoreError::Db(e) => e
                 .code()
                 .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+            // The batch without it can be stored; it never can.
+            StoreError::IdTaken(_) => true,
             StoreError::Config(_) | StoreError::Pool(_) => false,
         }
     }
@@ -185,6 +200,10 @@ async fn write_rows(
         if path == MessagePath::Staged {
             let stmt = tx.prepare_cached(INSERT_MESSAGES).await?;
             tx.execute(&stmt, &[]).await?;
+            let stmt = tx.prepare_cached(TAKEN_IDS).await?;
+            if let Some(row) = tx.query_opt(&stmt, &[]).await? {
+                return Err(StoreError::IdTaken(row.get(0)));
+            }
         }
     }
     if !rows.chats.id.is_empty() {

@@ -156,8 +156,10 @@ pub struct Worker {
     drained: bool,
     /// Letters for entries Redis reported deleted while pending, and dropped
     /// from the pending list, that are not in `chat:dead` yet (Redis failed
-    /// meanwhile). Nothing else remembers them: written before anything else.
+    /// meanwhile). Nothing else remembers them: tried at every step.
     deleted: VecDeque<DeadLetter>,
+    /// Writing `deleted` failed and was logged; said again once it succeeds.
+    deleted_failing: bool,
 }
 
 impl Worker {
@@ -177,6 +179,7 @@ impl Worker {
             read_ahead: None,
             drained: false,
             deleted: VecDeque::new(),
+            deleted_failing: false,
         }
     }
 
@@ -254,7 +257,7 @@ impl Worker {
             self.create_group().await?;
             self.group_ready = true;
         }
-        self.write_deleted().await?;
+        self.try_write_deleted().await;
         if let Phase::OwnPending { after } = &self.phase {
             let entries = self.read(after.clone(), None).await?;
             match entries.last() {
@@ -317,7 +320,20 @@ impl Worker {
             .max(Duration::from_millis(1))
     }
 
+    /// Makes sure the consumer group exists. Asked first with `XINFO
+    /// GROUPS`, which Redis answers at `maxmemory`: `XGROUP CREATE` is
+    /// refused there even when the group exists, and a persister started
+    /// while Redis is full must still get to the acks and deletes that free
+    /// it.
     async fn create_group(&mut self) -> Result<(), WorkerError> {
+        let groups: Result<redis::streams::StreamInfoGroupsReply, RedisError> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(STREAM)
+            .query_async(&mut self.redis.commands)
+            .await;
+        if groups.is_ok_and(|reply| reply.groups.iter().any(|g| g.name == GROUP)) {
+            return Ok(());
+        }
         let created: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(STREAM)
@@ -411,8 +427,7 @@ impl Worker {
                 .into_iter()
                 .map(|row| Failed::deleted(row.id).letter(Some(row.deliveries))),
         );
-        // The entries in hand stay pending for this consumer if this fails.
-        self.write_deleted().await?;
+        self.try_write_deleted().await;
         Ok(reclaimed.entries)
     }
 
@@ -445,9 +460,36 @@ impl Worker {
         // this call.
         self.deleted
             .extend(claimed.deleted.into_iter().map(|id| Failed::deleted(id).letter(None)));
-        // The entries in hand stay pending for this consumer if this fails.
-        self.write_deleted().await?;
+        self.try_write_deleted().await;
         Ok(claimed.entries)
+    }
+
+    /// `write_deleted`, which must not hold up storing and acking: a Redis
+    /// at `maxmemory` refuses the XADD to `chat:dead` but still takes the
+    /// acks and deletes that free its memory. What is not written stays for
+    /// the next step; the first failure is logged, and the recovery.
+    async fn try_write_deleted(&mut self) {
+        if self.deleted.is_empty() {
+            return;
+        }
+        match self.write_deleted().await {
+            Ok(()) if self.deleted_failing => {
+                self.deleted_failing = false;
+                tracing::info!("the letters of entries deleted while pending are in {DEAD_LETTERS} now");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                metrics::counter!("persister_dead_letter_failures_total").increment(1);
+                if !self.deleted_failing {
+                    self.deleted_failing = true;
+                    tracing::warn!(
+                        error = %e,
+                        letters = self.deleted.len(),
+                        "could not write the letters of entries deleted while pending to {DEAD_LETTERS}; kept and tried at every step"
+                    );
+                }
+            }
+        }
     }
 
     /// Writes the letters of `self.deleted` to `chat:dead`, oldest first; on
@@ -596,19 +638,27 @@ impl Worker {
     }
 
     async fn ack(&mut self, ids: &[&str]) -> Result<(), WorkerError> {
-        redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(STREAM)
-            .arg(GROUP)
-            .arg(ids)
-            .ignore()
-            .cmd("XDEL")
-            .arg(STREAM)
-            .arg(ids)
-            .ignore()
-            .query_async::<()>(&mut self.redis.commands)
-            .await?;
+        let ack_and_delete = |atomic: bool| {
+            let mut pipe = redis::pipe();
+            if atomic {
+                pipe.atomic();
+            }
+            pipe.cmd("XACK").arg(STREAM).arg(GROUP).arg(ids).ignore();
+            pipe.cmd("XDEL").arg(STREAM).arg(ids).ignore();
+            pipe
+        };
+        match ack_and_delete(true).query_async::<()>(&mut self.redis.commands).await {
+            // A Redis at `maxmemory` queues no command inside MULTI, not
+            // even these two, which free memory and which it takes alone.
+            // In order, without MULTI: an XACK whose XDEL is lost leaves an
+            // acked entry in the stream, costing memory, never a message.
+            Err(e) if matches!(e.code(), Some("OOM" | "EXECABORT")) => {
+                ack_and_delete(false)
+                    .query_async::<()>(&mut self.redis.commands)
+                    .await?;
+            }
+            done => done?,
+        }
         Ok(())
     }
 }

@@ -534,3 +534,64 @@ async fn an_entry_that_cannot_be_dead_lettered_does_not_stop_the_lane_behind_it(
         .await;
     println!("the foreign entry is still pending, delivered {retried} time(s)");
 }
+
+/// A client may choose its message ids. The gateway refuses an id it still
+/// remembers for another message, but that record expires
+/// (`CHAT_IDEMPOTENCY_TTL_SECS`) and a Redis may lose it; a second message
+/// under an id already stored is then acked. PostgreSQL's `ON CONFLICT (id)
+/// DO NOTHING` would take it for a redelivery of the first and drop it
+/// without a trace: it becomes a dead letter instead, saying why, and the
+/// first message stays as it was.
+#[tokio::test]
+async fn a_second_message_under_a_stored_id_becomes_a_dead_letter_not_a_silent_drop() {
+    let stack = Stack::start(StackOptions {
+        env: env(&[
+            ("PERSISTER_MAX_DELIVERIES", "2"),
+            ("PERSISTER_RETRY_MS", "100"),
+            ("PERSISTER_RETRY_MAX_MS", "100"),
+        ]),
+        ..StackOptions::default()
+    })
+    .await;
+    let (alice, bob, carol) = (harness::user(), harness::user(), harness::user());
+    let id = Uuid::now_v7();
+    let send = |to: Uuid, body: &str| serde_json::json!({ "type": "send", "to": to.to_string(), "body": body, "id": id.to_string() });
+
+    let mut alice_ws = stack.connect(0, alice).await;
+    let ack = alice_ws.request(send(carol, "alice's message")).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    stack
+        .eventually("alice's message stored", WITHIN, async || {
+            (stored(&stack, id).await == 1).then_some(())
+        })
+        .await;
+
+    // The gateway's record of the id is gone (expired, or a Redis that lost it).
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("msg:{id}"))
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    let mut bob_ws = stack.connect(0, bob).await;
+    let ack = bob_ws.request(send(carol, "bob's message")).await;
+    assert_eq!(ack["type"], "ack", "bob's send under the same id is acked: {ack}");
+
+    let letter = stack
+        .eventually("bob's message dead-lettered", WITHIN, async || {
+            dead_letters(&stack)
+                .await
+                .into_iter()
+                .find(|l| l.original.iter().any(|f| f == "bob's message"))
+        })
+        .await;
+    println!("bob's message: {letter:?}");
+    assert!(letter.reason.contains("reused"), "{letter:?}");
+    let client = stack.db().await;
+    let row = client
+        .query_one("SELECT sender, body FROM messages WHERE id = $1", &[&id])
+        .await
+        .expect("the stored message");
+    let (sender, body): (Uuid, String) = (row.get(0), row.get(1));
+    assert_eq!((sender, body.as_str()), (alice, "alice's message"));
+}

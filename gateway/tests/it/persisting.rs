@@ -1,6 +1,7 @@
 //! How the persister batches (PERSISTER_LINGER_MS): after a read that
 //! drained the stream it waits before reading again, so messages that
-//! arrive meanwhile are stored together in one transaction.
+//! arrive meanwhile are stored together in one transaction. And that a
+//! persister started while Redis is full still drains the queue.
 
 use std::time::{Duration, Instant};
 
@@ -68,4 +69,58 @@ async fn messages_sent_while_the_persister_lingers_are_stored_in_one_or_two_batc
     // others arrive during the linger that follows it.
     let used = batches(&stack).await - before;
     assert!((1..=2).contains(&used), "5 messages took {used} batches");
+}
+
+/// Redis at `maxmemory` with `noeviction` (docs/queue.md: a long
+/// PostgreSQL outage, or the persisters down) refuses the gateways' sends
+/// until the persisters drain the queue. A persister started then (a
+/// rollout, a restart) must get to its reads, acks and deletes, which Redis
+/// still takes, though it refuses `XGROUP CREATE` even for a group that
+/// exists.
+#[tokio::test]
+async fn a_persister_started_while_redis_is_full_drains_the_queue() {
+    const QUEUED: i64 = 100;
+    let mut stack = Stack::start(StackOptions::default()).await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut sender = stack.connect(0, alice).await;
+    sender.send_message_to(bob, "before").await;
+    wait_stored(&stack, 1).await;
+
+    // The persister goes away (its group stays); messages wait in the queue.
+    stack.persister.as_mut().expect("a persister").kill().await;
+    for i in 0..QUEUED {
+        sender.send_message_to(bob, &format!("queued {i}")).await;
+    }
+    let mut redis = stack.redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut redis)
+        .await
+        .expect("CONFIG SET maxmemory");
+    let refused = sender
+        .request(serde_json::json!({ "type": "send", "to": bob.to_string(), "body": "while full" }))
+        .await;
+    assert_eq!(refused["code"], "unavailable", "a send while Redis is full: {refused}");
+
+    stack.start_persister().await;
+    wait_stored(&stack, 1 + QUEUED).await;
+    // Acked and deleted after the commit: the memory Redis gets back.
+    stack
+        .eventually(
+            "the stored entries acked and deleted",
+            Duration::from_secs(15),
+            async || {
+                let length: i64 = redis::cmd("XLEN")
+                    .arg(shared::queue::STREAM)
+                    .query_async(&mut redis)
+                    .await
+                    .ok()?;
+                (length == 0).then_some(())
+            },
+        )
+        .await;
 }
