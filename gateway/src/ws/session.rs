@@ -142,7 +142,12 @@ impl Session {
                 // empty, so after each write batch a frame the client has
                 // already sent is read first: its sends and pongs wait at most
                 // one batch, not until the queue runs dry.
-                let ready = match std::mem::take(&mut client_turn) {
+                // Not once a reason to close has fired: the select sees it.
+                let ready = match std::mem::take(&mut client_turn)
+                    && !overflow_token.is_cancelled()
+                    && !self.svc.shutdown.is_cancelled()
+                    && Instant::now() < self.expires
+                {
                     true => ws.next().now_or_never(),
                     false => None,
                 };
@@ -311,16 +316,23 @@ impl Session {
 
     /// Writes and flushes one message. A client that stopped reading stalls
     /// the write once the socket buffers are full; stalled as long as a
-    /// silent client may stay, it is gone.
+    /// silent client may stay, it is gone. Its queue may overflow meanwhile
+    /// (a client far behind that sent something and stopped reading): that
+    /// ends the write with 1008, as it ends a stalled write of the queue.
     async fn send_bounded(&self, ws: &mut Socket, message: WsMessage) -> Flow {
         let stall = self.svc.config.ping_interval + self.svc.config.ping_timeout;
-        match tokio::time::timeout(stall, ws.send(message)).await {
-            Ok(Ok(())) => Flow::Continue,
-            Ok(Err(_)) => Flow::Gone,
-            Err(_) => {
-                metrics::counter!("gateway_silent_drops_total").increment(1);
-                Flow::Gone
-            }
+        let overflow = self.conn.overflow_token();
+        tokio::select! {
+            biased;
+            _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
+            sent = tokio::time::timeout(stall, ws.send(message)) => match sent {
+                Ok(Ok(())) => Flow::Continue,
+                Ok(Err(_)) => Flow::Gone,
+                Err(_) => {
+                    metrics::counter!("gateway_silent_drops_total").increment(1);
+                    Flow::Gone
+                }
+            },
         }
     }
 
@@ -399,9 +411,10 @@ mod tests {
     }
 
     /// Every open connection holds its session's future, so its size is
-    /// memory per idle connection (docs/benchmarks.md): 4,760 bytes once,
-    /// 3,104 in a release build with the handlers boxed and `run` not an
-    /// `async fn`. A bound with room, so that what grows it is noticed.
+    /// memory per idle connection (docs/benchmarks.md): 4,648 bytes at
+    /// 7edc2d8, 4,808 at ac5d62b (a jemalloc size class more per task), 3,096
+    /// with the handlers boxed and `run` not an `async fn`. A bound with
+    /// room, so that what grows it is noticed.
     #[test]
     fn a_sessions_future_stays_small() {
         let size = returned_size(|(session, ws): (Session, Socket)| session.run(ws));
