@@ -153,6 +153,11 @@ impl Store {
     /// refused. Redeliveries are rare (a crash between commit and ack, a
     /// takeover, a replay), so nearly every batch takes one transaction.
     pub async fn write(&self, jobs: &[Job]) -> Result<(), StoreError> {
+        // Two messages of one batch under one id: `from_jobs` keeps the
+        // first, which for two different messages would drop the second.
+        if let Some(id) = reused_id(jobs) {
+            return Err(StoreError::IdTaken(id));
+        }
         let rows = Rows::from_jobs(jobs);
         let mut client = self.pool.get().await?;
         if !rows.messages.id.is_empty() {
@@ -241,6 +246,26 @@ async fn write_rows(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// The id of a message in `jobs` that another message of `jobs` (another
+/// chat, sender or body) also has; the same message twice (a redelivery) is
+/// not one. The `TAKEN_IDS` rule, within a batch.
+fn reused_id(jobs: &[Job]) -> Option<Uuid> {
+    let mut seen: HashMap<Uuid, (Uuid, Uuid, &str)> = HashMap::new();
+    for job in jobs {
+        if let Job::Message(m) = job {
+            let this = (m.chat, m.from, m.body.as_str());
+            match seen.entry(m.id) {
+                Entry::Occupied(first) if *first.get() != this => return Some(m.id),
+                Entry::Occupied(_) => {}
+                Entry::Vacant(slot) => {
+                    slot.insert(this);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// A batch as column arrays, with the duplicates one INSERT cannot take
@@ -434,6 +459,24 @@ mod tests {
         assert_eq!(rows.messages.id, vec![a, b]);
         assert_eq!(rows.messages.body, vec!["x", "y"]);
         assert_eq!(rows.messages.recipient, vec![None, None]);
+    }
+
+    #[test]
+    fn two_messages_under_one_id_in_a_batch_are_told_from_a_redelivery() {
+        let (a, b) = (Uuid::from_u128(10), Uuid::from_u128(11));
+        // The same message twice, a resend with a new seq: not a reuse.
+        assert_eq!(
+            reused_id(&[message(a, 1, "x"), message(b, 2, "y"), message(a, 1, "x")]),
+            None
+        );
+        assert_eq!(reused_id(&[message(a, 1, "x"), message(a, 7, "x")]), None);
+        // Another text under the id, or another sender.
+        assert_eq!(reused_id(&[message(a, 1, "x"), message(a, 2, "z")]), Some(a));
+        let Job::Message(mut other) = message(a, 2, "x") else {
+            unreachable!()
+        };
+        other.from = Uuid::from_u128(3);
+        assert_eq!(reused_id(&[message(a, 1, "x"), Job::Message(other)]), Some(a));
     }
 
     #[test]

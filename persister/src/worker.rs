@@ -10,7 +10,8 @@
 //! up stored, in `chat:dead`, or pending.
 //!
 //! The stream holds only the backlog: an entry is deleted (XDEL) in the same
-//! MULTI as its XACK, so `XLEN chat:queue` is the number of entries not yet
+//! MULTI as its XACK (in one script instead when Redis, at `maxmemory`,
+//! refuses MULTI), so `XLEN chat:queue` is the number of entries not yet
 //! stored. Nothing trims the stream (no MAXLEN, no XTRIM): a trim could drop
 //! entries not yet stored. This assumes the persisters' group is the stream's
 //! only reader. See docs/queue.md.
@@ -138,6 +139,19 @@ enum Phase {
 
 /// A non-blocking read of new entries running while a batch is written.
 type ReadAhead = JoinHandle<Result<Vec<Entry>, WorkerError>>;
+
+/// `ack`'s XACK and XDEL for a Redis at `maxmemory`, which refuses MULTI but
+/// runs a script that calls only commands that free memory. KEYS: the
+/// stream; ARGV: the group, then the ids.
+static ACK_AND_DELETE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))\n\
+         redis.call('XDEL', KEYS[1], unpack(ARGV, 2))\n\
+         return 1",
+    )
+});
+/// Ids per call of `ACK_AND_DELETE`: Lua's `unpack` takes a few thousand.
+const ACK_SCRIPT_IDS: usize = 1000;
 
 /// One persister's consumer. Drive it with `run_once` (tests) or `run`.
 pub struct Worker {
@@ -638,24 +652,26 @@ impl Worker {
     }
 
     async fn ack(&mut self, ids: &[&str]) -> Result<(), WorkerError> {
-        let ack_and_delete = |atomic: bool| {
+        let ack_and_delete = || {
             let mut pipe = redis::pipe();
-            if atomic {
-                pipe.atomic();
-            }
+            pipe.atomic();
             pipe.cmd("XACK").arg(STREAM).arg(GROUP).arg(ids).ignore();
             pipe.cmd("XDEL").arg(STREAM).arg(ids).ignore();
             pipe
         };
-        match ack_and_delete(true).query_async::<()>(&mut self.redis.commands).await {
+        match ack_and_delete().query_async::<()>(&mut self.redis.commands).await {
             // A Redis at `maxmemory` queues no command inside MULTI, not
-            // even these two, which free memory and which it takes alone.
-            // In order, without MULTI: an XACK whose XDEL is lost leaves an
-            // acked entry in the stream, costing memory, never a message.
+            // even these two, which free memory and which it runs alone or
+            // from a script: the same two, as atomic, from a script.
             Err(e) if matches!(e.code(), Some("OOM" | "EXECABORT")) => {
-                ack_and_delete(false)
-                    .query_async::<()>(&mut self.redis.commands)
-                    .await?;
+                for chunk in ids.chunks(ACK_SCRIPT_IDS) {
+                    ACK_AND_DELETE
+                        .key(STREAM)
+                        .arg(GROUP)
+                        .arg(chunk)
+                        .invoke_async::<i64>(&mut self.redis.commands)
+                        .await?;
+                }
             }
             done => done?,
         }

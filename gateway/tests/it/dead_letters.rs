@@ -544,7 +544,19 @@ async fn an_entry_that_cannot_be_dead_lettered_does_not_stop_the_lane_behind_it(
 /// first message stays as it was.
 #[tokio::test]
 async fn a_second_message_under_a_stored_id_becomes_a_dead_letter_not_a_silent_drop() {
-    let stack = Stack::start(StackOptions {
+    second_message_under_one_id(false).await;
+}
+
+/// The same, with both messages waiting in the queue (the persister down
+/// meanwhile), so that one batch holds both.
+#[tokio::test]
+async fn a_second_message_under_the_id_of_one_in_the_same_batch_becomes_a_dead_letter() {
+    second_message_under_one_id(true).await;
+}
+
+async fn second_message_under_one_id(same_batch: bool) {
+    let mut stack = Stack::start(StackOptions {
+        persister: !same_batch,
         env: env(&[
             ("PERSISTER_MAX_DELIVERIES", "2"),
             ("PERSISTER_RETRY_MS", "100"),
@@ -560,11 +572,13 @@ async fn a_second_message_under_a_stored_id_becomes_a_dead_letter_not_a_silent_d
     let mut alice_ws = stack.connect(0, alice).await;
     let ack = alice_ws.request(send(carol, "alice's message")).await;
     assert_eq!(ack["type"], "ack", "{ack}");
-    stack
-        .eventually("alice's message stored", WITHIN, async || {
-            (stored(&stack, id).await == 1).then_some(())
-        })
-        .await;
+    if !same_batch {
+        stack
+            .eventually("alice's message stored", WITHIN, async || {
+                (stored(&stack, id).await == 1).then_some(())
+            })
+            .await;
+    }
 
     // The gateway's record of the id is gone (expired, or a Redis that lost it).
     let mut redis = stack.redis.connection().await;
@@ -576,6 +590,9 @@ async fn a_second_message_under_a_stored_id_becomes_a_dead_letter_not_a_silent_d
     let mut bob_ws = stack.connect(0, bob).await;
     let ack = bob_ws.request(send(carol, "bob's message")).await;
     assert_eq!(ack["type"], "ack", "bob's send under the same id is acked: {ack}");
+    if same_batch {
+        stack.start_persister().await;
+    }
 
     let letter = stack
         .eventually("bob's message dead-lettered", WITHIN, async || {
@@ -587,6 +604,11 @@ async fn a_second_message_under_a_stored_id_becomes_a_dead_letter_not_a_silent_d
         .await;
     println!("bob's message: {letter:?}");
     assert!(letter.reason.contains("reused"), "{letter:?}");
+    stack
+        .eventually("alice's message stored", WITHIN, async || {
+            (stored(&stack, id).await == 1).then_some(())
+        })
+        .await;
     let client = stack.db().await;
     let row = client
         .query_one("SELECT sender, body FROM messages WHERE id = $1", &[&id])

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use shared::queue::{DEAD_LETTERS, GROUP, STREAM};
+
 use crate::harness::{self, Stack, StackOptions};
 
 /// Rows in `messages`.
@@ -76,22 +78,57 @@ async fn messages_sent_while_the_persister_lingers_are_stored_in_one_or_two_batc
 /// until the persisters drain the queue. A persister started then (a
 /// rollout, a restart) must get to its reads, acks and deletes, which Redis
 /// still takes, though it refuses `XGROUP CREATE` even for a group that
-/// exists.
+/// exists, and every command inside `MULTI`. An entry deleted by hand while
+/// pending has a letter that cannot be written to `chat:dead` yet: it waits,
+/// and does not hold up the rest.
 #[tokio::test]
 async fn a_persister_started_while_redis_is_full_drains_the_queue() {
     const QUEUED: i64 = 100;
-    let mut stack = Stack::start(StackOptions::default()).await;
+    let mut stack = Stack::start(StackOptions {
+        // One lane: with several, the others would store what a blocked
+        // lane does not.
+        env: harness::env(&[("PERSISTER_CLAIM_IDLE_MS", "200"), ("PERSISTER_CONCURRENCY", "1")]),
+        ..StackOptions::default()
+    })
+    .await;
     let (alice, bob) = (harness::user(), harness::user());
     let mut sender = stack.connect(0, alice).await;
     sender.send_message_to(bob, "before").await;
     wait_stored(&stack, 1).await;
 
-    // The persister goes away (its group stays); messages wait in the queue.
+    // The persister goes away (its group stays). Another consumer of the
+    // group holds an entry, which an operator deletes; messages wait.
     stack.persister.as_mut().expect("a persister").kill().await;
+    let mut redis = stack.redis.connection().await;
+    let ghost: String = redis::cmd("XADD")
+        .arg(STREAM)
+        .arg("*")
+        .arg("not")
+        .arg("a job")
+        .query_async(&mut redis)
+        .await
+        .expect("XADD");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("gone")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">")
+        .query_async(&mut redis)
+        .await
+        .expect("XREADGROUP");
+    let _: i64 = redis::cmd("XDEL")
+        .arg(STREAM)
+        .arg(&ghost)
+        .query_async(&mut redis)
+        .await
+        .expect("XDEL");
     for i in 0..QUEUED {
         sender.send_message_to(bob, &format!("queued {i}")).await;
     }
-    let mut redis = stack.redis.connection().await;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory-policy")
@@ -114,12 +151,27 @@ async fn a_persister_started_while_redis_is_full_drains_the_queue() {
             "the stored entries acked and deleted",
             Duration::from_secs(15),
             async || {
-                let length: i64 = redis::cmd("XLEN")
-                    .arg(shared::queue::STREAM)
-                    .query_async(&mut redis)
-                    .await
-                    .ok()?;
+                let length: i64 = redis::cmd("XLEN").arg(STREAM).query_async(&mut redis).await.ok()?;
                 (length == 0).then_some(())
+            },
+        )
+        .await;
+
+    // Room again: the deleted entry's letter is written.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut redis)
+        .await
+        .expect("CONFIG SET maxmemory 0");
+    stack
+        .eventually(
+            "the deleted entry's letter in chat:dead",
+            Duration::from_secs(15),
+            async || {
+                let letters = stack.stream_entries(DEAD_LETTERS).await;
+                letters.iter().any(|(_, fields)| fields.contains(&ghost)).then_some(())
             },
         )
         .await;
