@@ -365,25 +365,41 @@ async fn a_client_whose_first_frame_is_messagepack_is_answered_in_messagepack() 
 /// retries instead of giving up its place.
 #[tokio::test]
 async fn history_treats_a_huge_limit_as_the_maximum_and_an_unreadable_cursor_as_unavailable() {
-    let stack = Stack::start(one_gateway()).await;
+    const SENT: usize = 501;
+    // A cache that holds every message (there is no persister), and room to
+    // send them at once.
+    let stack = Stack::start(StackOptions {
+        env: harness::env(&[
+            ("CHAT_CACHE_SIZE", "600"),
+            ("GATEWAY_SEND_RATE", "100000"),
+            ("GATEWAY_SEND_BURST", "100000"),
+        ]),
+        ..one_gateway()
+    })
+    .await;
     let api = stack.http(0);
     let alice = harness::user();
     let (status, created) = api.create_chat(alice, "history", "public", &[]).await;
     assert_eq!(status, 201, "{created}");
     let chat = harness::canonical_uuid(&created["id"], "the new chat's id");
     let mut client = stack.connect(0, alice).await;
-    // No persister: the message stays in the queue, and its cursor is known
-    // only to Redis.
-    let ack = client.send_to_chat(chat, "still in the queue").await;
-    let id = ack["id"].as_str().expect("the ack's id").to_string();
+    // No persister: the messages stay in the queue, and their cursors are
+    // known only to Redis.
+    for i in 0..SENT {
+        client
+            .send_json(json!({ "type": "send", "chat": chat.to_string(), "body": format!("message {i}") }))
+            .await;
+    }
+    let acks = client.expect_n("ack", SENT, DEFAULT_TIMEOUT).await;
+    let id = acks[SENT - 1]["id"].as_str().expect("the ack's id").to_string();
 
     for limit in ["501", "99999999999999999999"] {
         let (status, body) = api.history(alice, chat, &format!("limit={limit}")).await;
         assert_eq!(status, 200, "limit={limit}: {body}");
         assert_eq!(
             body["messages"].as_array().map(Vec::len),
-            Some(1),
-            "limit={limit}: {body}"
+            Some(500),
+            "limit={limit}: the latest 500 of {SENT}"
         );
     }
     for limit in ["0", "-99999999999999999999", "ten"] {
