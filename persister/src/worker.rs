@@ -652,14 +652,20 @@ impl Worker {
     }
 
     async fn ack(&mut self, ids: &[&str]) -> Result<(), WorkerError> {
-        let ack_and_delete = || {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            pipe.cmd("XACK").arg(STREAM).arg(GROUP).arg(ids).ignore();
-            pipe.cmd("XDEL").arg(STREAM).arg(ids).ignore();
-            pipe
-        };
-        match ack_and_delete().query_async::<()>(&mut self.redis.commands).await {
+        let acked = redis::pipe()
+            .atomic()
+            .cmd("XACK")
+            .arg(STREAM)
+            .arg(GROUP)
+            .arg(ids)
+            .ignore()
+            .cmd("XDEL")
+            .arg(STREAM)
+            .arg(ids)
+            .ignore()
+            .query_async::<()>(&mut self.redis.commands)
+            .await;
+        match acked {
             // A Redis at `maxmemory` queues no command inside MULTI, not
             // even these two, which free memory and which it runs alone or
             // from a script: the same two, as atomic, from a script.

@@ -62,6 +62,11 @@ enum Flow {
     Gone,
 }
 
+/// The session's three reasons to close, wherever they are noticed.
+const OVERFLOWED: Flow = Flow::Close(close::POLICY, "outgoing queue overflow");
+const DRAINING: Flow = Flow::Close(close::GOING_AWAY, "node shutting down");
+const EXPIRED: Flow = Flow::Close(close::TOKEN_EXPIRED, "token expired");
+
 /// What one turn of the session's loop came to: a read from the client to
 /// handle, or the outcome of anything else.
 enum Next {
@@ -116,6 +121,7 @@ impl Session {
             // (paced node-wide) and keeps serving meanwhile. A child token: its
             // lock is this session's, not one shared by every session.
             let shutdown = self.svc.shutdown.child_token();
+            let shut_down = shutdown.clone();
             let svc = self.svc.clone();
             let closing = async move {
                 shutdown.cancelled().await;
@@ -143,21 +149,21 @@ impl Session {
                 // already sent is read first: its sends and pongs wait at most
                 // one batch, not until the queue runs dry.
                 // Not once a reason to close has fired: the select sees it.
-                let ready = match std::mem::take(&mut client_turn)
-                    && !overflow_token.is_cancelled()
-                    && !self.svc.shutdown.is_cancelled()
-                    && Instant::now() < self.expires
+                // (The session's own tokens: no lock shared by every session.)
+                let ready = if std::mem::take(&mut client_turn)
+                    && !(overflow_token.is_cancelled() || shut_down.is_cancelled() || expiry.is_elapsed())
                 {
-                    true => ws.next().now_or_never(),
-                    false => None,
+                    ws.next().now_or_never()
+                } else {
+                    None
                 };
                 let next = match ready {
                     Some(read) => Next::Read(read),
                     None => tokio::select! {
                         biased;
-                        _ = &mut overflow => Next::Done(Flow::Close(close::POLICY, "outgoing queue overflow")),
-                        _ = &mut closing => Next::Done(Flow::Close(close::GOING_AWAY, "node shutting down")),
-                        _ = &mut expiry => Next::Done(Flow::Close(close::TOKEN_EXPIRED, "token expired")),
+                        _ = &mut overflow => Next::Done(OVERFLOWED),
+                        _ = &mut closing => Next::Done(DRAINING),
+                        _ = &mut expiry => Next::Done(EXPIRED),
                         _ = pings.tick() => Next::Done(self.ping(&mut ws, silence).await),
                         out = self.rx.recv() => Next::Done(match out {
                             // A client that stops reading blocks this write once the
@@ -169,9 +175,9 @@ impl Session {
                                 stall.as_mut().reset(Instant::now() + silence);
                                 tokio::select! {
                                     biased;
-                                    _ = &mut overflow => Flow::Close(close::POLICY, "outgoing queue overflow"),
-                                    _ = &mut closing => Flow::Close(close::GOING_AWAY, "node shutting down"),
-                                    _ = &mut expiry => Flow::Close(close::TOKEN_EXPIRED, "token expired"),
+                                    _ = &mut overflow => OVERFLOWED,
+                                    _ = &mut closing => DRAINING,
+                                    _ = &mut expiry => EXPIRED,
                                     _ = &mut stall => {
                                         metrics::counter!("gateway_silent_drops_total").increment(1);
                                         Flow::Gone
@@ -324,7 +330,7 @@ impl Session {
         let overflow = self.conn.overflow_token();
         tokio::select! {
             biased;
-            _ = overflow.cancelled() => Flow::Close(close::POLICY, "outgoing queue overflow"),
+            _ = overflow.cancelled() => OVERFLOWED,
             sent = tokio::time::timeout(stall, ws.send(message)) => match sent {
                 Ok(Ok(())) => Flow::Continue,
                 Ok(Err(_)) => Flow::Gone,
@@ -413,8 +419,9 @@ mod tests {
     /// Every open connection holds its session's future, so its size is
     /// memory per idle connection (docs/benchmarks.md): 4,648 bytes at
     /// 7edc2d8, 4,808 at ac5d62b (a jemalloc size class more per task), 3,096
-    /// with the handlers boxed and `run` not an `async fn`. A bound with
-    /// room, so that what grows it is noticed.
+    /// with the handlers boxed and `run` not an `async fn`, 3,112 with the
+    /// early read's own shutdown token. A bound with room, so that what
+    /// grows it is noticed.
     #[test]
     fn a_sessions_future_stays_small() {
         let size = returned_size(|(session, ws): (Session, Socket)| session.run(ws));
