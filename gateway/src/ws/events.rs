@@ -205,13 +205,17 @@ impl Session {
     /// (and finds the connection already attached or detached).
     ///
     /// Every connection of the shard reads at once, just after an outage, so
-    /// a failed read is tried twice more after a random wait. A chat missing
+    /// a failed read is tried twice more after a random wait; if all three
+    /// fail, the session reads once more at each ping until a read succeeds
+    /// (until then, history has what it misses). A chat missing
     /// from the user's groups is left only when its check says `forbidden`:
     /// a Redis that lost its data (until `persister restore-redis`) knows
     /// neither the chat nor the membership, and the connection keeps it.
     pub(super) async fn resync(&mut self) {
+        // At a ping the session waits on nothing else: one read, no waits.
+        let waits: &[Option<u64>] = if self.resync_due { &[None] } else { &RESYNC_RETRY_MS };
         let mut groups = None;
-        for wait_ms in RESYNC_RETRY_MS {
+        for &wait_ms in waits {
             match self.svc.chats.groups_of(self.identity.user).await {
                 Ok(read) => {
                     groups = Some(read.into_iter().collect::<HashSet<ChatId>>());
@@ -227,9 +231,13 @@ impl Session {
         }
         let Some(groups) = groups else {
             metrics::counter!("gateway_membership_resyncs_total", "outcome" => "failed").increment(1);
-            tracing::warn!("could not read the user's groups after the bus reconnected; membership changes made meanwhile reach this connection only through history");
+            if !self.resync_due {
+                tracing::warn!("could not read the user's groups after the bus reconnected; trying again at each ping, and history has what is missed meanwhile");
+            }
+            self.resync_due = true;
             return;
         };
+        self.resync_due = false;
         metrics::counter!("gateway_membership_resyncs_total", "outcome" => "done").increment(1);
         let joined: Vec<ChatId> = groups.difference(&self.chats).copied().collect();
         let missing: Vec<ChatId> = self.chats.difference(&groups).copied().collect();

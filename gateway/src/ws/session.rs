@@ -52,6 +52,8 @@ pub struct Session {
     pub(super) expires: Instant,
     /// When the client last sent anything (a frame, a pong).
     last_heard: Instant,
+    /// A resync could not read the user's groups: tried again at each ping.
+    pub(super) resync_due: bool,
     /// Counts this connection against the user's and the node's limits.
     _slot: ConnSlot,
 }
@@ -94,6 +96,7 @@ impl Session {
             chats: HashSet::new(),
             expires,
             last_heard: Instant::now(),
+            resync_due: false,
             _slot: slot,
         }
     }
@@ -277,10 +280,14 @@ impl Session {
 
     /// Pings the client; one that has said nothing for `silence` is gone
     /// (a half-open TCP connection, or a client that stopped reading).
+    /// A resync that failed is tried again first.
     async fn ping(&mut self, ws: &mut Socket, silence: Duration) -> Flow {
         if self.last_heard.elapsed() > silence {
             metrics::counter!("gateway_silent_drops_total").increment(1);
             return Flow::Gone;
+        }
+        if self.resync_due {
+            self.resync().await;
         }
         self.send_bounded(ws, WsMessage::Ping(Default::default())).await
     }

@@ -394,38 +394,9 @@ async fn membership_changed_while_the_bus_was_away_is_in_effect_once_it_is_back(
     assert!(receives(&mut alice_0, &ack["id"], DEFAULT_TIMEOUT).await);
     assert!(receives(&mut carol_0, &ack["id"], DEFAULT_TIMEOUT).await);
 
-    // Cut the node's subscriber connections off, and keep them off: Redis
-    // takes no new connection, while the node's command connections (and
-    // this test's) stay open.
+    // Cut the node's subscriber connections off, and keep them off.
     let mut redis = stack.redis.connection().await;
-    let info: String = ::redis::cmd("INFO")
-        .arg("clients")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let connected: usize = info
-        .lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("connected_clients in INFO clients");
-    let subscribers = subscriber_connections(&mut redis).await.unwrap();
-    assert!(subscribers > 0, "the node has subscriber connections");
-    let reconnects_before = stack.metric(0, "gateway_bus_reconnects_total", "").await;
-    let _: () = ::redis::cmd("CONFIG")
-        .arg(&["SET", "maxclients", &(connected - subscribers).to_string()])
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let _: i64 = ::redis::cmd("CLIENT")
-        .arg(&["KILL", "TYPE", "pubsub"])
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    stack
-        .eventually("the node to notice its bus is gone", RECOVERY, async || {
-            (stack.metric(0, "gateway_bus_reconnects_total", "").await > reconnects_before).then_some(())
-        })
-        .await;
+    let subscribers = cut_the_bus_off(&stack, &mut redis).await;
 
     // Meanwhile Alice leaves the first group from another device, and Bob
     // makes a second one with her: both announcements reach no one here.
@@ -435,11 +406,7 @@ async fn membership_changed_while_the_bus_was_away_is_in_effect_once_it_is_back(
     assert_eq!(status, 201, "{created}");
     let new_group = harness::canonical_uuid(&created["id"], "the second group's id");
 
-    let _: () = ::redis::cmd("CONFIG")
-        .arg(&["SET", "maxclients", "10000"])
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let_the_bus_back(&mut redis).await;
 
     // The new group reaches Alice live once the node has resynced...
     until_one_arrives_live(
@@ -462,4 +429,115 @@ async fn membership_changed_while_the_bus_was_away_is_in_effect_once_it_is_back(
         !receives(&mut alice_0, &ack["id"], Duration::from_secs(1)).await,
         "Alice still receives the group she left while the bus was away"
     );
+}
+
+/// Cuts gateway 0's subscriber connections off and keeps them off until
+/// `let_the_bus_back`: Redis takes no new connection, while the node's
+/// command connections (and the test's `redis`) stay open. Returns once
+/// the node noticed, with how many subscriber connections it had.
+async fn cut_the_bus_off(stack: &Stack, redis: &mut ::redis::aio::MultiplexedConnection) -> usize {
+    let info: String = ::redis::cmd("INFO").arg("clients").query_async(redis).await.unwrap();
+    let connected: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients in INFO clients");
+    let subscribers = subscriber_connections(redis).await.unwrap();
+    assert!(subscribers > 0, "the node has subscriber connections");
+    let reconnects_before = stack.metric(0, "gateway_bus_reconnects_total", "").await;
+    let _: () = ::redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", &(connected - subscribers).to_string()])
+        .query_async(redis)
+        .await
+        .unwrap();
+    let _: i64 = ::redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "pubsub"])
+        .query_async(redis)
+        .await
+        .unwrap();
+    stack
+        .eventually("the node to notice its bus is gone", RECOVERY, async || {
+            (stack.metric(0, "gateway_bus_reconnects_total", "").await > reconnects_before).then_some(())
+        })
+        .await;
+    subscribers
+}
+
+/// Lets the subscriber connections `cut_the_bus_off` kept out in again.
+async fn let_the_bus_back(redis: &mut ::redis::aio::MultiplexedConnection) {
+    let _: () = ::redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "10000"])
+        .query_async(redis)
+        .await
+        .unwrap();
+}
+
+/// The resync after the bus is back cannot read Alice's groups (her set of
+/// groups is, for a while, not a set: every read fails as it would with
+/// Redis failing); her connection tries again at its next ping, and the
+/// group she was added to while the bus was away reaches her live.
+#[tokio::test]
+async fn a_resync_that_could_not_read_the_users_groups_is_tried_again_at_the_next_ping() {
+    let stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: false,
+        env: harness::env(&[("GATEWAY_PING_INTERVAL_SECS", "1")]),
+        ..StackOptions::default()
+    })
+    .await;
+    let api = stack.http(0);
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_0 = stack.connect(0, alice).await;
+    let mut bob_0 = stack.connect(0, bob).await;
+
+    let mut redis = stack.redis.connection().await;
+    cut_the_bus_off(&stack, &mut redis).await;
+    // Bob makes a group with Alice while the bus is away: her `joined` is missed.
+    let (status, created) = api.create_chat(bob, "joined while away", "private", &[alice]).await;
+    assert_eq!(status, 201, "{created}");
+    let group = harness::canonical_uuid(&created["id"], "the group's id");
+
+    // Alice's groups cannot be read: her set is put aside and a string stands in for it.
+    let groups_key = format!("user:{alice}:chats");
+    let aside = format!("{groups_key}:aside");
+    let () = ::redis::cmd("RENAME")
+        .arg(&groups_key)
+        .arg(&aside)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let () = ::redis::cmd("SET")
+        .arg(&groups_key)
+        .arg("unreadable")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let failed_before = stack
+        .metric(0, "gateway_membership_resyncs_total", "outcome=\"failed\"")
+        .await;
+    let_the_bus_back(&mut redis).await;
+    stack
+        .eventually("Alice's resync to fail", RECOVERY, async || {
+            let failed = stack
+                .metric(0, "gateway_membership_resyncs_total", "outcome=\"failed\"")
+                .await;
+            (failed > failed_before).then_some(())
+        })
+        .await;
+
+    // Her groups can be read again, and nothing else happens to the node:
+    // no outage, no membership change, nothing that would resync it again.
+    let () = ::redis::cmd("RENAME")
+        .arg(&aside)
+        .arg(&groups_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    until_one_arrives_live(
+        &mut bob_0,
+        &mut alice_0,
+        ("chat", group),
+        "a message to the group Alice was added to, after her resync failed",
+    )
+    .await;
 }
