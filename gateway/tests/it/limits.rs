@@ -505,6 +505,77 @@ async fn a_client_that_stops_reading_is_closed_with_1008_and_loses_nothing_from_
     assert_eq!(stored, sent);
 }
 
+/// A client that stops reading while its own replies back up: the session
+/// is in the middle of writing one (a `pong` as long as the `ping`'s `ref`)
+/// when its queue overflows, and closes with 1008 then, as a stalled write
+/// of the queue does, rather than waiting out the write-stall bound (the
+/// ping interval and timeout, 40 s here) and dropping it silently.
+#[tokio::test]
+async fn a_client_whose_replies_back_up_is_closed_with_1008_when_its_queue_overflows() {
+    const REF: usize = 60_000;
+    const QUEUE: usize = 8;
+    let stack = Stack::start(one_gateway(&[
+        ("GATEWAY_OUTBOUND_QUEUE", &QUEUE.to_string()),
+        ("GATEWAY_PING_INTERVAL_SECS", "30"),
+        ("GATEWAY_PING_TIMEOUT_SECS", "10"),
+    ]))
+    .await;
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut alice_ws = connect_with_a_small_buffer(&stack, alice).await;
+    let mut sender = stack.connect(0, bob).await;
+    let mut others = Bystanders::connect(&stack, 0).await;
+
+    // Alice pings and reads nothing, until the gateway stops taking her
+    // pings: the socket buffers are full and it is stuck writing a pong.
+    let handled = async || stack.metric(0, "gateway_events_in_total", "type=\"ping\"").await;
+    let mut sent = 0usize;
+    loop {
+        for _ in 0..10 {
+            let reference = format!("{sent} {}", "r".repeat(REF));
+            alice_ws.send_json(json!({ "type": "ping", "ref": reference })).await;
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = handled().await;
+        if before < sent as f64 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if handled().await == before {
+                break;
+            }
+        }
+        assert!(
+            sent < 400,
+            "the gateway took all {sent} pings of {REF} bytes: no write stalled"
+        );
+    }
+    println!("the gateway stopped taking pings after {} of {sent}", handled().await);
+
+    // Bob's messages to her overflow her queue while the pong is stuck.
+    for i in 0..2 * QUEUE {
+        let ack = sender.send_message_to(alice, &format!("while stuck {i}")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let overflowed = Instant::now();
+    stack
+        .eventually("a 1008 close", Duration::from_secs(10), async || {
+            (stack.metric(0, "gateway_closes_total", "code=\"1008\"").await >= 1.0).then_some(())
+        })
+        .await;
+    println!("closed 1008 {:?} after the overflow", overflowed.elapsed());
+    others.still_served("after alice's replies backed up").await;
+
+    // She reads again: the pongs that were written, then the close.
+    let closed = loop {
+        let event = alice_ws.next_event(DEFAULT_TIMEOUT).await;
+        match event["type"].as_str() {
+            Some("pong") | Some("message") => {}
+            Some("__close") => break event,
+            _ => panic!("unexpected {event}"),
+        }
+    };
+    assert_eq!(closed["code"], 1008, "{closed}");
+}
+
 /// A client behind on its messages is still heard: with hundreds of frames
 /// queued for it, its `ping` is answered once the socket buffers and at most
 /// one write batch are through, not after the whole backlog. (Before, the
