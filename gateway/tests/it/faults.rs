@@ -135,7 +135,6 @@ async fn a_persister_killed_mid_run_leaves_its_jobs_to_the_other_and_every_acked
         ..StackOptions::default()
     })
     .await;
-    stack.start_extra_persister().await;
     let cast = Cast::new(&stack).await;
     let mut senders = cast.senders(&stack, PER_SENDER, "persister-kill");
     for sender in &mut senders {
@@ -147,7 +146,11 @@ async fn a_persister_killed_mid_run_leaves_its_jobs_to_the_other_and_every_acked
     // Kill p1 with jobs in hand: stop it (SIGSTOP) until it holds read but
     // unacknowledged entries (a read it was blocked in is still served while
     // it is stopped), then SIGKILL. If it holds none, let it go on and try
-    // again a moment later.
+    // again a moment later. p1 consumes alone until then: with a second
+    // persister running, Redis may hand every new entry to the second's
+    // blocked reads, and the run (about a second) could end before p1 was
+    // caught holding any. The second starts once p1 is dead, as a
+    // replacement would, and finds p1's entries pending.
     let name = stack.persister.as_ref().expect("p1").name.clone();
     let tried_until = Instant::now() + Duration::from_secs(10);
     let held = loop {
@@ -167,6 +170,7 @@ async fn a_persister_killed_mid_run_leaves_its_jobs_to_the_other_and_every_acked
     };
     let acked_at_kill = traffic.progress.acked();
     let planned = traffic.planned();
+    stack.start_extra_persister().await;
 
     let ledger = traffic.finish().await;
     let rows = wait_until_stored(&stack, &ledger, &HashSet::new(), DRAIN).await;
