@@ -130,17 +130,18 @@ impl App {
             );
         }
 
+        let queue = Queue::new(
+            redis.clone(),
+            QueueSettings {
+                idempotency_ttl_secs: config.idempotency_ttl_secs,
+                seq_restart_gap: config.seq_restart_gap,
+                cache_size: config.cache_size,
+                cache_ttl_secs: config.cache_ttl_secs,
+            },
+        );
         let services = Arc::new(Services {
             verifier: Verifier::new(config.jwt_secret.expose()),
-            queue: Queue::new(
-                redis.clone(),
-                QueueSettings {
-                    idempotency_ttl_secs: config.idempotency_ttl_secs,
-                    seq_restart_gap: config.seq_restart_gap,
-                    cache_size: config.cache_size,
-                    cache_ttl_secs: config.cache_ttl_secs,
-                },
-            ),
+            queue: queue.clone(),
             chats: Chats::new(redis.clone(), config.seq_restart_gap),
             typing: Typing::new(redis.clone(), config.typing_interval_ms),
             history: History::new(
@@ -152,6 +153,7 @@ impl App {
                         ttl_secs: config.cache_ttl_secs,
                     },
                 ),
+                queue,
             ),
             hub,
             redis,

@@ -81,6 +81,18 @@ impl Queue {
         }
     }
 
+    /// The id time (ms, Redis's clock) of the oldest entry still in the
+    /// queue, acked or not; `None` when it is empty. The persister deletes
+    /// an entry once it is stored or dead-lettered, so every message
+    /// accepted before this time has left the queue.
+    pub async fn oldest_entry_ms(&self) -> Result<Option<i64>, RedisError> {
+        let oldest: Vec<(String, redis::Value)> = self
+            .redis
+            .query(redis::cmd("XRANGE").arg(STREAM).arg("-").arg("+").arg("COUNT").arg(1))
+            .await?;
+        Ok(oldest.first().and_then(|(id, _)| id.split('-').next()?.parse().ok()))
+    }
+
     /// Accepts `body` from `from` to `target` under message id `id`.
     pub async fn accept(
         &self,

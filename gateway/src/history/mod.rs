@@ -3,6 +3,8 @@
 //!
 //! `cache` (Redis) answers windows it can prove complete; a miss reads
 //! PostgreSQL (`db`) and refills the cache with the chat's latest messages.
+//! A page after a cursor read from PostgreSQL ends before a hole a message
+//! still in the queue will fill (`holes`).
 //! Identical concurrent PostgreSQL reads on one node share one query, and one
 //! refill per chat runs at a time, so a cold cache does not stampede the
 //! database. Either way the answer is the same: same messages, order, fields.
@@ -10,6 +12,7 @@
 
 pub mod cache;
 pub mod db;
+pub mod holes;
 
 use std::sync::Arc;
 
@@ -20,6 +23,9 @@ use shared::protocol::{ErrorCode, Message};
 
 use cache::{Lookup, RecentCache};
 use db::Db;
+use holes::QueueHead;
+
+use crate::queue::Queue;
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
@@ -54,6 +60,8 @@ type DbRead = Shared<BoxFuture<'static, Result<Arc<Vec<Message>>, HistoryError>>
 pub struct History {
     db: Db,
     cache: RecentCache,
+    /// Asked how old the queue's oldest entry is, for the holes of a page.
+    queue: Queue,
     /// PostgreSQL reads in flight, shared by identical requests.
     reads: Arc<DashMap<(ChatId, Window), DbRead>>,
     /// Chats being refilled.
@@ -61,10 +69,11 @@ pub struct History {
 }
 
 impl History {
-    pub fn new(db: Db, cache: RecentCache) -> History {
+    pub fn new(db: Db, cache: RecentCache, queue: Queue) -> History {
         History {
             db,
             cache,
+            queue,
             reads: Arc::new(DashMap::new()),
             refills: Arc::new(DashMap::new()),
         }
@@ -110,14 +119,24 @@ impl History {
             .reads
             .entry(key)
             .or_insert_with(|| {
-                let (db, reads) = (self.db.clone(), self.reads.clone());
+                let (db, reads, queue) = (self.db.clone(), self.reads.clone(), self.queue.clone());
                 // A task, so the query finishes and leaves the map even if
                 // every waiting request goes away.
                 let task = tokio::spawn(async move {
                     metrics::counter!("gateway_history_db_queries_total").increment(1);
-                    let result = db.read(chat, window).await.map(Arc::new);
+                    // A page after a cursor reads the queue's head before
+                    // the rows: a message stored (and gone from the queue)
+                    // in between is in the rows.
+                    let after = match window.after {
+                        Some(after) => Some((after, queue_head(&queue).await)),
+                        None => None,
+                    };
+                    let result = db.read(chat, window).await.map(|rows| match after {
+                        Some((after, head)) => holes::before_pending_hole(after, rows, head),
+                        None => rows,
+                    });
                     reads.remove(&key);
-                    result
+                    result.map(Arc::new)
                 });
                 async move { task.await.map_err(|e| HistoryError::Unavailable(e.to_string()))? }
                     .boxed()
@@ -148,6 +167,15 @@ impl History {
             }
         })
         .await
+    }
+}
+
+/// The queue's oldest entry, for `holes`.
+async fn queue_head(queue: &Queue) -> QueueHead {
+    match queue.oldest_entry_ms().await {
+        Ok(Some(ms)) => QueueHead::Since(ms),
+        Ok(None) => QueueHead::Empty,
+        Err(_) => QueueHead::Unknown,
     }
 }
 

@@ -565,3 +565,71 @@ async fn a_chats_cache_expires_from_its_first_message_and_is_renewed_while_activ
         assert!((101..=3600).contains(&ttl), "{key} has TTL {ttl} after seq 16");
     }
 }
+
+/// PostgreSQL can hold a message's later neighbours before the message
+/// itself (persister lanes commit in any order; a failing message waits for
+/// its retries). A page after a cursor served from PostgreSQL (gateway 1
+/// keeps no cache) ends before such a message while it is still in the
+/// queue, so a client paging on never passes it; once it is stored the page
+/// goes on. A hole for good (a message gone from the queue without being
+/// stored, as a dead-lettered one is) does not end pages.
+#[tokio::test]
+async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_at_a_hole_for_good() {
+    let mut stack = cached_and_uncached().await;
+    let alice = user();
+    let (chat, stored) = chat_with_messages(&stack, alice, 2).await;
+    let cursor = stored[1]["id"].as_str().unwrap().to_string();
+    let after_cursor = format!("after={cursor}");
+
+    // The persister stops; three more messages wait in the queue.
+    stack.persister.as_mut().expect("a persister").terminate(WAIT).await;
+    let mut client = stack.connect(0, alice).await;
+    let mut acks = Vec::new();
+    for i in 0..3 {
+        acks.push(client.send_to_chat(chat, &format!("queued {i}")).await);
+    }
+    // One lane stores the first and the third before another stores the
+    // second: their rows, as the persister writes them.
+    for (ack, body) in [(&acks[0], "queued 0"), (&acks[2], "queued 2")] {
+        stack
+            .sql(&format!(
+                "INSERT INTO messages (id, chat, seq, sender, recipient, body, ts) \
+                 VALUES ('{}', '{chat}', {}, '{alice}', NULL, '{body}', {})",
+                ack["id"].as_str().unwrap(),
+                ack["seq"],
+                ack["ts"]
+            ))
+            .await;
+    }
+    let page = history(&stack, 1, alice, chat, &after_cursor).await;
+    assert_eq!(
+        seqs(&messages(&page)),
+        [3],
+        "the page after the cursor ends before seq 4, still in the queue"
+    );
+
+    // The persister comes back and stores the second; the page goes on.
+    stack.start_persister().await;
+    let all = wait_stored(&stack, 1, alice, chat, 5).await;
+    assert_eq!(
+        history(&stack, 1, alice, chat, &after_cursor).await["messages"],
+        Value::Array(all[2..].to_vec())
+    );
+
+    // Once the queue is empty, a hole (the second's row gone, as if it had
+    // been dead-lettered) is for good, and the page passes it.
+    let mut redis = stack.redis.connection().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while redis.xlen::<_, u64>(shared::queue::STREAM).await.unwrap() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue not empty after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stack
+        .sql(&format!("DELETE FROM messages WHERE chat = '{chat}' AND seq = 4"))
+        .await;
+    let page = history(&stack, 1, alice, chat, &after_cursor).await;
+    assert_eq!(seqs(&messages(&page)), [3, 5], "a hole for good ends no page");
+}
