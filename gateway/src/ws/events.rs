@@ -211,9 +211,12 @@ impl Session {
     /// from the user's groups is left only when its check says `forbidden`:
     /// a Redis that lost its data (until `persister restore-redis`) knows
     /// neither the chat nor the membership, and the connection keeps it.
-    pub(super) async fn resync(&mut self) {
-        // At a ping the session waits on nothing else: one read, no waits.
-        let waits: &[Option<u64>] = if self.resync_due { &[None] } else { &RESYNC_RETRY_MS };
+    pub(super) async fn resync(&mut self, why: Resync) {
+        let waits: &[Option<u64>] = match why {
+            Resync::BusBack => &RESYNC_RETRY_MS,
+            // The session waits on nothing else meanwhile: one read, no waits.
+            Resync::Retry => &[None],
+        };
         let mut groups = None;
         for &wait_ms in waits {
             match self.svc.chats.groups_of(self.identity.user).await {
@@ -230,14 +233,20 @@ impl Session {
             }
         }
         let Some(groups) = groups else {
-            metrics::counter!("gateway_membership_resyncs_total", "outcome" => "failed").increment(1);
+            let outcome = match why {
+                Resync::BusBack => "failed",
+                Resync::Retry => "retry_failed",
+            };
+            metrics::counter!("gateway_membership_resyncs_total", "outcome" => outcome).increment(1);
             if !self.resync_due {
                 tracing::warn!("could not read the user's groups after the bus reconnected; trying again at each ping, and history has what is missed meanwhile");
             }
             self.resync_due = true;
             return;
         };
-        self.resync_due = false;
+        if std::mem::take(&mut self.resync_due) {
+            tracing::info!("read the user's groups at a ping, after a resync had failed");
+        }
         metrics::counter!("gateway_membership_resyncs_total", "outcome" => "done").increment(1);
         let joined: Vec<ChatId> = groups.difference(&self.chats).copied().collect();
         let missing: Vec<ChatId> = self.chats.difference(&groups).copied().collect();
@@ -278,6 +287,15 @@ impl Session {
 }
 
 type Reply = Result<Option<ServerEvent>, (ErrorCode, String)>;
+
+/// Why a session reads its user's groups again.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Resync {
+    /// The bus has the user's channel again after losing it (`Outbound::Resync`).
+    BusBack,
+    /// A ping, after a resync whose reads all failed.
+    Retry,
+}
 
 /// A resync's reads: the first at once, then after about 0.2 s and 1 s
 /// (each wait between half and one and a half of the figure), then no more.

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use crate::auth::Identity;
 use crate::hub::{encode_encoding, Conn, Frame, Outbound};
 use crate::limits::ConnSlot;
+use crate::ws::events::Resync;
 use crate::ws::upgrade::Socket;
 use crate::Services;
 
@@ -167,7 +168,15 @@ impl Session {
                         _ = &mut overflow => Next::Done(OVERFLOWED),
                         _ = &mut closing => Next::Done(DRAINING),
                         _ = &mut expiry => Next::Done(EXPIRED),
-                        _ = pings.tick() => Next::Done(self.ping(&mut ws, silence).await),
+                        // Guarded as a write of the queue is: a ping may wait
+                        // on Redis (a resync retried) or on a full socket.
+                        _ = pings.tick() => Next::Done(tokio::select! {
+                            biased;
+                            _ = &mut overflow => OVERFLOWED,
+                            _ = &mut closing => DRAINING,
+                            _ = &mut expiry => EXPIRED,
+                            flow = Box::pin(self.ping(&mut ws, silence)) => flow,
+                        }),
                         out = self.rx.recv() => Next::Done(match out {
                             // A client that stops reading blocks this write once the
                             // socket buffers are full: the reasons to close must
@@ -287,7 +296,7 @@ impl Session {
             return Flow::Gone;
         }
         if self.resync_due {
-            self.resync().await;
+            self.resync(Resync::Retry).await;
         }
         self.send_bounded(ws, WsMessage::Ping(Default::default())).await
     }
@@ -364,7 +373,7 @@ impl Session {
                 Outbound::Joined(chat) => self.joined_elsewhere(chat).await,
                 Outbound::Left(chat) => self.left_elsewhere(chat).await,
                 Outbound::Detached(chat) => self.detached(chat).await,
-                Outbound::Resync => self.resync().await,
+                Outbound::Resync => self.resync(Resync::BusBack).await,
             }
             if written < WRITE_BATCH {
                 next = self.rx.try_recv().ok();
