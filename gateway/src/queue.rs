@@ -40,6 +40,10 @@ pub enum AcceptError {
     Forbidden,
     #[error("this id belongs to another user's message")]
     IdTaken,
+    /// Redis ran the script more than `ACCEPT_DEADLINE_MS` after the gateway
+    /// stamped the message (a stall, or this gateway's clock behind Redis's).
+    #[error("the queue took the message {0} ms after it was sent, later than the {ACCEPT_DEADLINE_MS} ms allowed; nothing was accepted")]
+    Late(i64),
     #[error(transparent)]
     Redis(#[from] RedisError),
 }
@@ -50,9 +54,25 @@ impl AcceptError {
             AcceptError::NotFound => ErrorCode::NotFound,
             AcceptError::Forbidden => ErrorCode::Forbidden,
             AcceptError::IdTaken => ErrorCode::BadRequest,
-            AcceptError::Redis(_) => ErrorCode::Unavailable,
+            AcceptError::Late(_) | AcceptError::Redis(_) => ErrorCode::Unavailable,
         }
     }
+}
+
+/// How long after a message's `ts` (the gateway's clock) Redis may still
+/// queue it (its own clock); a later call is refused. The same on every
+/// gateway, so history can rely on it: no queue entry's id time is later
+/// than its message's `ts` plus this (history::holes). It also bounds how far
+/// a gateway's clock may lag Redis's.
+pub const ACCEPT_DEADLINE_MS: i64 = 10_000;
+
+/// The seqs a chat's counter skipped after a Redis restart (the accept
+/// script records its last jump): none of `before + 1 .. first_after` was
+/// ever given to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqJump {
+    pub before: i64,
+    pub first_after: i64,
 }
 
 /// What the script needs to know beyond the message itself.
@@ -81,16 +101,35 @@ impl Queue {
         }
     }
 
-    /// The id time (ms, Redis's clock) of the oldest entry still in the
-    /// queue, acked or not; `None` when it is empty. The persister deletes
-    /// an entry once it is stored or dead-lettered, so every message
-    /// accepted before this time has left the queue.
-    pub async fn oldest_entry_ms(&self) -> Result<Option<i64>, RedisError> {
-        let oldest: Vec<(String, redis::Value)> = self
+    /// What the queue can say about the holes in `chat`'s stored messages:
+    /// the id time of its oldest entry (ms, Redis's clock; acked or not),
+    /// `None` when it is empty, and the chat's last seq jump. The persister
+    /// deletes an entry once it is stored or dead-lettered, so every message
+    /// queued before that time has left the queue. One round trip.
+    pub async fn holes_of(&self, chat: ChatId) -> Result<(Option<i64>, Option<SeqJump>), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE").arg(STREAM).arg("-").arg("+").arg("COUNT").arg(1);
+        pipe.cmd("HMGET").arg(keys::chat_seq(chat)).arg("p").arg("j");
+        let mut picked = self.redis.pick();
+        type Entries = Vec<(String, redis::Value)>;
+        let (oldest, jump): (Entries, (Option<i64>, Option<i64>)) = self
             .redis
-            .query(redis::cmd("XRANGE").arg(STREAM).arg("-").arg("+").arg("COUNT").arg(1))
+            .timed(picked.slot, pipe.query_async(&mut picked.conn))
             .await?;
-        Ok(oldest.first().and_then(|(id, _)| id.split('-').next()?.parse().ok()))
+        let oldest_ms = match oldest.first() {
+            None => None,
+            Some((id, _)) => Some(
+                id.split('-')
+                    .next()
+                    .and_then(|ms| ms.parse().ok())
+                    .ok_or_else(|| RedisError::Reply(format!("a queue entry id that is not <ms>-<n>: {id:?}")))?,
+            ),
+        };
+        let jump = match jump {
+            (Some(before), Some(first_after)) => Some(SeqJump { before, first_after }),
+            _ => None,
+        };
+        Ok((oldest_ms, jump))
     }
 
     /// Accepts `body` from `from` to `target` under message id `id`.
@@ -146,7 +185,8 @@ impl Queue {
             .arg(self.settings.cache_size)
             .arg(self.settings.cache_ttl_secs)
             .arg(slot.map(|s| s.bytes.as_slice()).unwrap_or_default())
-            .arg(slot.map(|s| s.at).unwrap_or_default());
+            .arg(slot.map(|s| s.at).unwrap_or_default())
+            .arg(ACCEPT_DEADLINE_MS);
         let mut picked = self.redis.pick();
         let failed = match self
             .redis
@@ -302,6 +342,7 @@ fn parse_reply(id: MessageId, reply: &[String]) -> Result<Accepted, AcceptError>
         Some("not_found") => Err(AcceptError::NotFound),
         Some("forbidden") => Err(AcceptError::Forbidden),
         Some("conflict") => Err(AcceptError::IdTaken),
+        Some("late") if reply.len() == 2 => Err(AcceptError::Late(reply[1].parse().map_err(|_| bad())?)),
         _ => Err(bad()),
     }
 }

@@ -9,6 +9,16 @@ use shared::protocol::Message;
 
 use super::{HistoryError, Window};
 
+/// A window after a cursor as PostgreSQL has it.
+#[derive(Debug)]
+pub struct AfterRows {
+    /// The window's messages, oldest first.
+    pub messages: Vec<Message>,
+    /// The message at the window's `before`, when it was read (stored, and
+    /// fewer than `limit` messages before it).
+    pub end: Option<Message>,
+}
+
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
@@ -19,29 +29,59 @@ impl Db {
         Db { pool }
     }
 
-    /// The messages of `chat` in `window`, oldest first: the first ones after
-    /// `after`, else the last ones before `before`, else the latest.
-    pub async fn read(&self, chat: ChatId, w: Window) -> Result<Vec<Message>, HistoryError> {
+    /// The last messages of `chat` before `w.before` (or the latest), oldest
+    /// first. For windows without `after`.
+    pub async fn read_last(&self, chat: ChatId, w: Window) -> Result<Vec<Message>, HistoryError> {
+        let before = w.before.unwrap_or(i64::MAX);
+        self.query(
+            "SELECT * FROM (SELECT id, chat, seq, sender, recipient, body, ts FROM messages \
+             WHERE chat = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3) page ORDER BY seq ASC",
+            &[&chat, &before, &w.limit],
+        )
+        .await
+    }
+
+    /// The first messages of `chat` after `after`, oldest first, and, when
+    /// `w.before` is set and fewer than `w.limit` messages lie between, the
+    /// message at `before` itself if it is stored (the end of the window).
+    pub async fn read_after(&self, chat: ChatId, after: i64, w: Window) -> Result<AfterRows, HistoryError> {
+        // With `before`, one row more: the message at `before`, if the
+        // window's messages do not fill the page first.
+        let (until, limit) = match w.before {
+            Some(before) => (before, w.limit.saturating_add(1)),
+            None => (i64::MAX, w.limit),
+        };
+        let mut messages = self
+            .query(
+                "SELECT id, chat, seq, sender, recipient, body, ts FROM messages \
+                 WHERE chat = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC LIMIT $4",
+                &[&chat, &after, &until, &limit],
+            )
+            .await?;
+        let end = match w.before {
+            Some(before) if messages.last().is_some_and(|m| m.seq == before) => messages.pop(),
+            _ => None,
+        };
+        messages.truncate(usize::try_from(w.limit).unwrap_or(usize::MAX));
+        Ok(AfterRows { messages, end })
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Message>, HistoryError> {
         let client = self
             .pool
             .get()
             .await
             .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
-        let after = w.after.unwrap_or(i64::MIN);
-        let before = w.before.unwrap_or(i64::MAX);
-        let sql = if w.after.is_some() {
-            "SELECT id, chat, seq, sender, recipient, body, ts FROM messages \
-             WHERE chat = $1 AND seq > $2 AND seq < $3 ORDER BY seq ASC LIMIT $4"
-        } else {
-            "SELECT * FROM (SELECT id, chat, seq, sender, recipient, body, ts FROM messages \
-             WHERE chat = $1 AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4) page ORDER BY seq ASC"
-        };
         let stmt = client
             .prepare_cached(sql)
             .await
             .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
         let rows = client
-            .query(&stmt, &[&chat, &after, &before, &w.limit])
+            .query(&stmt, params)
             .await
             .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
         Ok(rows

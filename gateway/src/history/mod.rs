@@ -3,11 +3,12 @@
 //!
 //! `cache` (Redis) answers windows it can prove complete; a miss reads
 //! PostgreSQL (`db`) and refills the cache with the chat's latest messages.
-//! A page after a cursor read from PostgreSQL ends before a hole a message
-//! still in the queue will fill (`holes`).
 //! Identical concurrent PostgreSQL reads on one node share one query, and one
 //! refill per chat runs at a time, so a cold cache does not stampede the
-//! database. Either way the answer is the same: same messages, order, fields.
+//! database. Either way a message is given with the same fields and in the
+//! same order. The cache holds a message from its ack on; PostgreSQL once it
+//! is stored, so a window after a cursor read from it stops before a message
+//! still in the queue (`holes`) rather than pass it.
 //! Access is checked by the caller before anything is read.
 
 pub mod cache;
@@ -23,7 +24,7 @@ use shared::protocol::{ErrorCode, Message};
 
 use cache::{Lookup, RecentCache};
 use db::Db;
-use holes::QueueHead;
+use holes::{QueueHead, QueueView, Settled};
 
 use crate::queue::Queue;
 
@@ -34,6 +35,10 @@ pub const MAX_LIMIT: i64 = 500;
 pub enum HistoryError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A window between two messages holds a message still on its way to
+    /// PostgreSQL (`holes`).
+    #[error("a message between `after` and `before` is still on its way to storage; retry")]
+    Pending,
 }
 
 impl HistoryError {
@@ -124,17 +129,10 @@ impl History {
                 // every waiting request goes away.
                 let task = tokio::spawn(async move {
                     metrics::counter!("gateway_history_db_queries_total").increment(1);
-                    // A page after a cursor reads the queue's head before
-                    // the rows: a message stored (and gone from the queue)
-                    // in between is in the rows.
-                    let after = match window.after {
-                        Some(after) => Some((after, queue_head(&queue).await)),
-                        None => None,
+                    let result = match window.after {
+                        Some(after) => read_after(&db, &queue, chat, after, window).await,
+                        None => db.read_last(chat, window).await,
                     };
-                    let result = db.read(chat, window).await.map(|rows| match after {
-                        Some((after, head)) => holes::before_pending_hole(after, rows, head),
-                        None => rows,
-                    });
                     reads.remove(&key);
                     result.map(Arc::new)
                 });
@@ -170,12 +168,39 @@ impl History {
     }
 }
 
-/// The queue's oldest entry, for `holes`.
-async fn queue_head(queue: &Queue) -> QueueHead {
-    match queue.oldest_entry_ms().await {
-        Ok(Some(ms)) => QueueHead::Since(ms),
-        Ok(None) => QueueHead::Empty,
-        Err(_) => QueueHead::Unknown,
+/// A window after a cursor from PostgreSQL, up to a hole a message still
+/// in the queue will fill (`holes`).
+async fn read_after(
+    db: &Db,
+    queue: &Queue,
+    chat: ChatId,
+    after: i64,
+    window: Window,
+) -> Result<Vec<Message>, HistoryError> {
+    // The queue before the rows: a message stored (and gone from the queue)
+    // in between is in the rows.
+    let view = match queue.holes_of(chat).await {
+        Ok((oldest_ms, jump)) => QueueView {
+            head: oldest_ms.map_or(QueueHead::Empty, QueueHead::Since),
+            jump,
+        },
+        Err(_) => QueueView {
+            head: QueueHead::Unknown,
+            jump: None,
+        },
+    };
+    let rows = db.read_after(chat, after, window).await?;
+    let limit = usize::try_from(window.limit).unwrap_or(usize::MAX);
+    match holes::settle(after, window.before, limit, rows.messages, rows.end.as_ref(), &view) {
+        Settled::Whole(messages) => Ok(messages),
+        Settled::Ended(messages) => {
+            metrics::counter!("gateway_history_holes_total", "outcome" => "ended").increment(1);
+            Ok(messages)
+        }
+        Settled::Pending => {
+            metrics::counter!("gateway_history_holes_total", "outcome" => "pending").increment(1);
+            Err(HistoryError::Pending)
+        }
     }
 }
 

@@ -23,9 +23,9 @@
 --       14, 15 where a recipient goes into the cache entry (queue.rs,
 --       RecipientSlot): 14 the entry's map header with `to`, then the bytes
 --       before the recipient's id; 15 the 1-based position in ARGV[11]
---       ('' when the gateway has none)
+--       ('' when the gateway has none)  16 the accept deadline (ms)
 -- Returns {'ok', chat, seq, ts, to} | {'dup', chat, seq, ts, to}
---       | {'conflict'} | {'not_found'} | {'forbidden'}
+--       | {'conflict'} | {'not_found'} | {'forbidden'} | {'late', ms}
 local id, chat, from, to, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
 -- The idempotency record stays a hash: a one-string record would be cheaper
@@ -39,6 +39,16 @@ end
 
 local ts = tonumber(ARGV[10])
 local TRIM_EVERY = 16
+
+-- A message is queued no later than the deadline after its `ts` (the
+-- gateway's clock when it sent the call), by Redis's clock: a call Redis
+-- gets to later (a stall, a pause) is refused, and nothing is accepted. So
+-- a queue entry's id time is at most `ts` + the deadline, which is how
+-- history tells a hole a message still in the queue will fill from one for
+-- good (gateway/src/history/holes.rs).
+local now = redis.call('TIME')
+local late = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ts
+if late > tonumber(ARGV[16]) then return {'late', tostring(late)} end
 
 if ARGV[9] == 'group' then
   local meta = redis.call('HMGET', KEYS[2], 'kind', 'a', 'b')

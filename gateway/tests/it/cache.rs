@@ -30,9 +30,7 @@ async fn cached_and_uncached() -> Stack {
 
 /// A group of `alice` with `n` messages, all stored; returns the chat and its messages.
 async fn chat_with_messages(stack: &Stack, alice: Uuid, n: usize) -> (Uuid, Vec<Value>) {
-    let (status, chat) = stack.http(0).create_chat(alice, "cached", "public", &[]).await;
-    assert_eq!(status, 201, "{chat}");
-    let chat: Uuid = chat["id"].as_str().unwrap().parse().unwrap();
+    let chat = group_of(stack, alice, "cached").await;
     let mut client = stack.connect(0, alice).await;
     for i in 0..n {
         let ack = client.send_to_chat(chat, &format!("message {i}")).await;
@@ -570,9 +568,12 @@ async fn a_chats_cache_expires_from_its_first_message_and_is_renewed_while_activ
 /// itself (persister lanes commit in any order; a failing message waits for
 /// its retries). A page after a cursor served from PostgreSQL (gateway 1
 /// keeps no cache) ends before such a message while it is still in the
-/// queue, so a client paging on never passes it; once it is stored the page
-/// goes on. A hole for good (a message gone from the queue without being
-/// stored, as a dead-lettered one is) does not end pages.
+/// queue, so a client paging on never passes it, and a window between two
+/// messages around it is refused with 503 (retry); once it is stored both
+/// go on. A hole for good (a message gone from the queue without being
+/// stored, as a dead-lettered one is) stops nothing: at once when the queue
+/// is empty, and, when it is not, once every entry in it was queued after
+/// the message past the hole (its `ts` plus the accept deadline, 10 s).
 #[tokio::test]
 async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_at_a_hole_for_good() {
     let mut stack = cached_and_uncached().await;
@@ -588,6 +589,7 @@ async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_a
     for i in 0..3 {
         acks.push(client.send_to_chat(chat, &format!("queued {i}")).await);
     }
+    let between = format!("{after_cursor}&before={}", acks[2]["id"].as_str().unwrap());
     // One lane stores the first and the third before another stores the
     // second: their rows, as the persister writes them.
     for (ack, body) in [(&acks[0], "queued 0"), (&acks[2], "queued 2")] {
@@ -607,18 +609,62 @@ async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_a
         [3],
         "the page after the cursor ends before seq 4, still in the queue"
     );
+    let (status, body) = stack.http(1).history(alice, chat, &between).await;
+    assert_eq!(status, 503, "the window between seqs 2 and 5 while 4 waits: {body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
 
-    // The persister comes back and stores the second; the page goes on.
+    // The persister comes back and stores the second; both go on.
     stack.start_persister().await;
     let all = wait_stored(&stack, 1, alice, chat, 5).await;
-    assert_eq!(
-        history(&stack, 1, alice, chat, &after_cursor).await["messages"],
-        Value::Array(all[2..].to_vec())
-    );
+    let page = history(&stack, 1, alice, chat, &after_cursor).await;
+    assert_eq!(page["messages"], Value::Array(all[2..].to_vec()));
+    let page = history(&stack, 1, alice, chat, &between).await;
+    assert_eq!(page["messages"], Value::Array(all[2..4].to_vec()));
 
     // Once the queue is empty, a hole (the second's row gone, as if it had
-    // been dead-lettered) is for good, and the page passes it.
+    // been dead-lettered) is for good, and neither stops at it.
     let mut redis = stack.redis.connection().await;
+    wait_queue_empty(&mut redis).await;
+    stack
+        .sql(&format!("DELETE FROM messages WHERE chat = '{chat}' AND seq = 4"))
+        .await;
+    let page = history(&stack, 1, alice, chat, &after_cursor).await;
+    assert_eq!(seqs(&messages(&page)), [3, 5], "a hole for good ends no page");
+    let page = history(&stack, 1, alice, chat, &between).await;
+    assert_eq!(seqs(&messages(&page)), [3], "a hole for good holds up no window");
+
+    // With the queue holding only later entries, too: the persister stops
+    // again, and a message to another chat waits in the queue, queued more
+    // than the deadline after seq 5's `ts`.
+    stack.persister.as_mut().expect("a persister").terminate(WAIT).await;
+    let queued_by = acks[2]["ts"].as_i64().unwrap() + ACCEPT_DEADLINE_MS;
+    let wait = u64::try_from(queued_by + 500 - now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let other = group_of(&stack, alice, "another").await;
+    client.send_to_chat(other, "waits in the queue").await;
+    assert!(redis.xlen::<_, u64>(shared::queue::STREAM).await.unwrap() > 0);
+    let page = history(&stack, 1, alice, chat, &after_cursor).await;
+    assert_eq!(
+        seqs(&messages(&page)),
+        [3, 5],
+        "a queue of later entries ends no page at a hole for good"
+    );
+    let page = history(&stack, 1, alice, chat, &between).await;
+    assert_eq!(seqs(&messages(&page)), [3]);
+}
+
+/// The accept script's deadline (gateway/src/queue.rs `ACCEPT_DEADLINE_MS`).
+const ACCEPT_DEADLINE_MS: i64 = 10_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Waits until the queue stream holds no entry.
+async fn wait_queue_empty(redis: &mut redis::aio::MultiplexedConnection) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while redis.xlen::<_, u64>(shared::queue::STREAM).await.unwrap() > 0 {
         assert!(
@@ -627,9 +673,11 @@ async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_a
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stack
-        .sql(&format!("DELETE FROM messages WHERE chat = '{chat}' AND seq = 4"))
-        .await;
-    let page = history(&stack, 1, alice, chat, &after_cursor).await;
-    assert_eq!(seqs(&messages(&page)), [3, 5], "a hole for good ends no page");
+}
+
+/// A new public group of `alice`, titled `title`.
+async fn group_of(stack: &Stack, alice: Uuid, title: &str) -> Uuid {
+    let (status, chat) = stack.http(0).create_chat(alice, title, "public", &[]).await;
+    assert_eq!(status, 201, "{chat}");
+    chat["id"].as_str().unwrap().parse().unwrap()
 }

@@ -33,19 +33,6 @@ fn send_event(to: Uuid, id: Uuid, body: &str, reference: &str) -> Value {
     json!({ "type": "send", "to": to.to_string(), "body": body, "id": id.to_string(), "ref": reference })
 }
 
-/// Holds every write to Redis (scripts included) for `ms`; reads and PING
-/// are still served.
-async fn pause_redis_writes(stack: &Stack, ms: u64) {
-    let mut redis = stack.redis.connection().await;
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(ms)
-        .arg("WRITE")
-        .query_async(&mut redis)
-        .await
-        .expect("CLIENT PAUSE");
-}
-
 /// The message ids in the queue stream, with how many entries each has.
 async fn queued_message_ids(stack: &Stack) -> HashMap<Uuid, usize> {
     let entries = stack.stream_entries(STREAM).await;
@@ -218,7 +205,7 @@ async fn a_draining_gateway_takes_no_new_connection_finishes_the_send_in_flight_
     let mut kept = TcpStream::connect(addr).await.expect("connecting to the gateway");
     assert_eq!(request_on(&mut kept, "/readyz").await, Answer::Status(200));
 
-    pause_redis_writes(&stack, PAUSE_MS).await;
+    stack.redis.pause_writes(PAUSE_MS).await;
     let paused_at = Instant::now();
     let id = Uuid::new_v4();
     alice_ws
@@ -441,7 +428,7 @@ async fn the_grace_period_bounds_a_drain_stuck_on_redis_and_a_resend_completes_t
     alice_ws.ping().await;
     let id = Uuid::new_v4();
 
-    pause_redis_writes(&stack, PAUSE_MS).await;
+    stack.redis.pause_writes(PAUSE_MS).await;
     let paused_at = Instant::now();
     alice_ws.send_json(send_event(alice, id, "stuck", "stuck")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

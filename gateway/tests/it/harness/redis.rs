@@ -94,6 +94,18 @@ impl Redis {
             .expect("connecting to redis")
     }
 
+    /// Holds every write (scripts included) for `ms`; reads and PING are
+    /// still served (`CLIENT PAUSE ms WRITE`).
+    pub async fn pause_writes(&self, ms: u64) {
+        let () = ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("WRITE")
+            .query_async(&mut self.connection().await)
+            .await
+            .expect("CLIENT PAUSE");
+    }
+
     /// PING over a raw socket; true on `+PONG` (not while loading the AOF).
     pub async fn ping(&self) -> bool {
         ping_raw(self.port).await
