@@ -142,7 +142,7 @@ async function until(what, check, ms = 3000) {
   }
 }
 
-function newClient(history) {
+function newClient(history, lag) {
   FakeSocket.all = [];
   const api = fakeApi(history);
   const client = new ChatClient({
@@ -150,6 +150,7 @@ function newClient(history) {
     session: { token: 't', user: 'me' },
     WebSocket: FakeSocket,
     fetch: api.fetchImpl,
+    lag,
   });
   return { client, calls: api.calls };
 }
@@ -168,6 +169,27 @@ describe('ChatClient', () => {
     assert.ok(calls.some((c) => c.includes(`after=${msg(3).id}`)), calls.join('\n'));
     FakeSocket.all[0].push({ type: 'message', ...msg(5) }); // late duplicate
     assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3, 4, 5, 6]);
+    client.stop();
+  });
+
+  test('a message history does not have yet is asked for again until it is there, never skipped', async () => {
+    const history = [1, 2, 3].map((s) => msg(s));
+    const { client, calls } = newClient(history, { firstMs: 1, tries: 3, recheckMs: 100 });
+    client.start();
+    FakeSocket.all[0].open();
+    await client.load('c');
+    // 5 arrives live; 4 is still on its way to storage, so history (which
+    // never passes it) ends at 3.
+    FakeSocket.all[0].push({ type: 'message', ...msg(5) });
+    const asked = () => calls.filter((c) => c.includes(`after=${msg(3).id}`)).length;
+    // More often than the quick tries (the old client stopped after 6 and
+    // took what it had been told live as all there was).
+    await until('asked again and again', () => asked() >= 8, 12000);
+    assert.equal(client.chats.get('c').head.seq, 3, 'the head stays before the missing message');
+    // Stored now: the next recheck fills the hole.
+    history.push(msg(4), msg(5));
+    await until('hole filled', () => client.chats.get('c').head.seq === 5);
+    assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3, 4, 5]);
     client.stop();
   });
 

@@ -19,6 +19,13 @@ export const BACKOFF = { baseMs: 500, maxMs: 15000 };
 /** History page sizes: opening and "load older"; catching up. */
 export const PAGE = 50;
 export const CATCH_UP_PAGE = 500;
+/**
+ * Catching up while history lags what we were told live: asked again after
+ * firstMs, doubling, `tries` times; then every recheckMs while connected.
+ * History never passes a message still on its way to storage, and passes a
+ * hole for good by itself, so the client never skips a hole on its own.
+ */
+export const LAG = { firstMs: 150, tries: 6, recheckMs: 15000 };
 /** A send with no ack this long means the socket is dead: reconnect. */
 export const ACK_TIMEOUT_MS = 10000;
 /** Application-level ping, and how long a pong may take. */
@@ -73,7 +80,7 @@ export class ChatState {
     this.catching = null; // the running catch-up, a promise
     this.loading = null; // the first read of history, a promise
     this.catchAgain = false;
-    this.catchRetry = null; // timer of the next try after a failed catch-up
+    this.catchRetry = null; // timer of the next try after a failed or lagging catch-up
     this.catchFailures = 0;
   }
 
@@ -136,9 +143,11 @@ export class ChatClient extends EventTarget {
    * @param {() => Promise<string|null>} [o.renew]  a fresh token after a 401 or close 4001
    * @param {typeof WebSocket} [o.WebSocket]
    * @param {typeof fetch} [o.fetch]
+   * @param {typeof LAG} [o.lag]
    */
-  constructor({ base, session, renew, WebSocket: WS, fetch: fetchImpl }) {
+  constructor({ base, session, renew, WebSocket: WS, fetch: fetchImpl, lag = LAG }) {
     super();
+    this.lag = lag;
     this.base = base.replace(/\/$/, '');
     this.token = session.token;
     this.me = session.user;
@@ -395,7 +404,7 @@ export class ChatClient extends EventTarget {
   /**
    * Brings a loaded chat up to date from `after=<head>`, page by page. When
    * we hold messages the server does not list yet (history may lag live
-   * delivery), it asks again a few times, then accepts what it has.
+   * delivery), it asks again a few times, then every `lag.recheckMs`.
    */
   catchUp(c) {
     if (!c.loaded) return Promise.resolve();
@@ -407,6 +416,7 @@ export class ChatClient extends EventTarget {
     c.catching = (async () => {
       let lagRetries = 0;
       let failed = false;
+      let lagging = false;
       try {
         for (;;) {
           const query = c.head ? { after: c.head.id, limit: CATCH_UP_PAGE } : { limit: CATCH_UP_PAGE };
@@ -420,13 +430,13 @@ export class ChatClient extends EventTarget {
           this.emit('messages', { chat: c.id });
           if (page.length === CATCH_UP_PAGE) continue;
           if (!c.hasGap()) break;
-          if (lagRetries >= 6) {
-            // What we were told live is all there is to have.
-            const max = c.bySeq.get(c.maxSeq());
-            c.head = { id: max.id, seq: max.seq };
+          if (lagRetries >= this.lag.tries) {
+            // A message still on its way to storage, or one that keeps
+            // failing: ask again later rather than skip it.
+            lagging = true;
             break;
           }
-          await new Promise((r) => this.later(150 * 2 ** lagRetries++, r));
+          await new Promise((r) => this.later(this.lag.firstMs * 2 ** lagRetries++, r));
         }
         c.catchFailures = 0;
       } catch (e) {
@@ -444,6 +454,8 @@ export class ChatClient extends EventTarget {
         c.catching = null;
         if (failed && this.ws) {
           c.catchRetry = this.later(Math.min(2000, backoffDelay(c.catchFailures++)), () => this.catchUp(c));
+        } else if (lagging && this.ws) {
+          c.catchRetry = this.later(this.lag.recheckMs, () => this.catchUp(c));
         }
         if (c.catchAgain) {
           c.catchAgain = false;
