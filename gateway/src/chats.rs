@@ -228,15 +228,22 @@ impl Chats {
         Ok(out)
     }
 
-    /// The position of message `id` in `chat`, from its idempotency record
-    /// (kept while it is fresh), for history cursors not yet in PostgreSQL.
-    pub async fn seq_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<i64>, ChatError> {
-        let (c, seq): (Option<String>, Option<i64>) = self
+    /// The position (`seq`) and `ts` of message `id` in `chat`, from its
+    /// idempotency record (kept while it is fresh), for history cursors not
+    /// yet in PostgreSQL.
+    pub async fn position_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<(i64, i64)>, ChatError> {
+        let (c, seq, ts): (Option<String>, Option<i64>, Option<i64>) = self
             .redis
-            .query(redis::cmd("HMGET").arg(keys::message(id)).arg("chat").arg("seq"))
+            .query(
+                redis::cmd("HMGET")
+                    .arg(keys::message(id))
+                    .arg("chat")
+                    .arg("seq")
+                    .arg("ts"),
+            )
             .await?;
-        Ok(match (c, seq) {
-            (Some(c), Some(seq)) if c == chat.to_string() => Some(seq),
+        Ok(match (c, seq, ts) {
+            (Some(c), Some(seq), Some(ts)) if c == chat.to_string() => Some((seq, ts)),
             _ => None,
         })
     }

@@ -375,15 +375,18 @@ async fn history(svc: Arc<Services>, who: Identity, chat: String, query: HashMap
     let after = query.get("after").map(|a| parse_id(a, "after")).transpose()?;
     let before = query.get("before").map(|b| parse_id(b, "before")).transpose()?;
     svc.chats.check_access(chat, who.user).await?;
+    let after = match after {
+        Some(id) => Some(position(&svc, chat, id, "after").await?),
+        None => None,
+    };
+    let before = match before {
+        Some(id) => Some(position(&svc, chat, id, "before").await?),
+        None => None,
+    };
     let window = Window {
-        after: match after {
-            Some(id) => Some(position(&svc, chat, id, "after").await?),
-            None => None,
-        },
-        before: match before {
-            Some(id) => Some(position(&svc, chat, id, "before").await?),
-            None => None,
-        },
+        after: after.map(|(seq, _)| seq),
+        before: before.map(|(seq, _)| seq),
+        before_ts: before.map(|(_, ts)| ts),
         limit,
     };
     let messages = svc
@@ -394,23 +397,24 @@ async fn history(svc: Arc<Services>, who: Identity, chat: String, query: HashMap
     Ok(warp::reply::json(&json!({ "messages": messages.as_slice() })).into_response())
 }
 
-/// The seq of cursor message `id`: from its idempotency record in Redis
-/// while it lasts (which also covers a message accepted but not stored yet),
-/// else from PostgreSQL. A cursor found in neither is a bad request only
-/// when Redis answered: one it could not ask may name a message still in
-/// the queue, and the client must retry rather than drop its cursor.
-async fn position(svc: &Services, chat: ChatId, id: uuid::Uuid, which: &str) -> Result<i64, ApiError> {
-    let in_redis = svc.chats.seq_of(chat, id).await;
-    if let Ok(Some(seq)) = in_redis {
-        return Ok(seq);
+/// The position (`seq`) and `ts` of cursor message `id`: from its
+/// idempotency record in Redis while it lasts (which also covers a message
+/// accepted but not stored yet), else from PostgreSQL. A cursor found in
+/// neither is a bad request only when Redis answered: one it could not ask
+/// may name a message still in the queue, and the client must retry rather
+/// than drop its cursor.
+async fn position(svc: &Services, chat: ChatId, id: uuid::Uuid, which: &str) -> Result<(i64, i64), ApiError> {
+    let in_redis = svc.chats.position_of(chat, id).await;
+    if let Ok(Some(at)) = in_redis {
+        return Ok(at);
     }
     let stored = svc
         .history
-        .seq_of(chat, id)
+        .position_of(chat, id)
         .await
         .map_err(|e| ApiError::new(e.code(), e.to_string()))?;
     match (stored, in_redis) {
-        (Some(seq), _) => Ok(seq),
+        (Some(at), _) => Ok(at),
         (None, Err(e)) => Err(e.into()),
         (None, Ok(_)) => Err(ApiError::bad_request(format!(
             "`{which}` names no message of this chat"

@@ -102,34 +102,36 @@ impl Queue {
     }
 
     /// What the queue can say about the holes in `chat`'s stored messages:
-    /// the id time of its oldest entry (ms, Redis's clock; acked or not),
-    /// `None` when it is empty, and the chat's last seq jump. The persister
-    /// deletes an entry once it is stored or dead-lettered, so every message
-    /// queued before that time has left the queue. One round trip.
-    pub async fn holes_of(&self, chat: ChatId) -> Result<(Option<i64>, Option<SeqJump>), RedisError> {
+    /// a time (ms, Redis's clock) such that every message queued before it
+    /// has left the queue (stored or dead-lettered: the persister deletes
+    /// the entry then), which is its oldest entry's id time, or the time of
+    /// the read when it is empty; and the chat's last seq jump. One round
+    /// trip; `TIME` first, so an empty queue says nothing of what came after.
+    pub async fn holes_of(&self, chat: ChatId) -> Result<(i64, Option<SeqJump>), RedisError> {
+        /// `TIME`, one entry of `XRANGE`, and the jump's `HMGET`.
+        type Reply = ((i64, i64), Vec<(String, redis::Value)>, (Option<i64>, Option<i64>));
         let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
         pipe.cmd("XRANGE").arg(STREAM).arg("-").arg("+").arg("COUNT").arg(1);
         pipe.cmd("HMGET").arg(keys::chat_seq(chat)).arg("p").arg("j");
         let mut picked = self.redis.pick();
-        type Entries = Vec<(String, redis::Value)>;
-        let (oldest, jump): (Entries, (Option<i64>, Option<i64>)) = self
+        let ((secs, micros), oldest, jump): Reply = self
             .redis
             .timed(picked.slot, pipe.query_async(&mut picked.conn))
             .await?;
-        let oldest_ms = match oldest.first() {
-            None => None,
-            Some((id, _)) => Some(
-                id.split('-')
-                    .next()
-                    .and_then(|ms| ms.parse().ok())
-                    .ok_or_else(|| RedisError::Reply(format!("a queue entry id that is not <ms>-<n>: {id:?}")))?,
-            ),
+        let since_ms = match oldest.first() {
+            None => secs * 1000 + micros / 1000,
+            Some((id, _)) => id
+                .split('-')
+                .next()
+                .and_then(|ms| ms.parse().ok())
+                .ok_or_else(|| RedisError::Reply(format!("a queue entry id that is not <ms>-<n>: {id:?}")))?,
         };
         let jump = match jump {
             (Some(before), Some(first_after)) => Some(SeqJump { before, first_after }),
             _ => None,
         };
-        Ok((oldest_ms, jump))
+        Ok((since_ms, jump))
     }
 
     /// Accepts `body` from `from` to `target` under message id `id`.

@@ -9,16 +9,6 @@ use shared::protocol::Message;
 
 use super::{HistoryError, Window};
 
-/// A window after a cursor as PostgreSQL has it.
-#[derive(Debug)]
-pub struct AfterRows {
-    /// The window's messages, oldest first.
-    pub messages: Vec<Message>,
-    /// The message at the window's `before`, when it was read (stored, and
-    /// fewer than `limit` messages before it).
-    pub end: Option<Message>,
-}
-
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
@@ -41,29 +31,16 @@ impl Db {
         .await
     }
 
-    /// The first messages of `chat` after `after`, oldest first, and, when
-    /// `w.before` is set and fewer than `w.limit` messages lie between, the
-    /// message at `before` itself if it is stored (the end of the window).
-    pub async fn read_after(&self, chat: ChatId, after: i64, w: Window) -> Result<AfterRows, HistoryError> {
-        // With `before`, one row more: the message at `before`, if the
-        // window's messages do not fill the page first.
-        let (until, limit) = match w.before {
-            Some(before) => (before, w.limit.saturating_add(1)),
-            None => (i64::MAX, w.limit),
-        };
-        let mut messages = self
-            .query(
-                "SELECT id, chat, seq, sender, recipient, body, ts FROM messages \
-                 WHERE chat = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC LIMIT $4",
-                &[&chat, &after, &until, &limit],
-            )
-            .await?;
-        let end = match w.before {
-            Some(before) if messages.last().is_some_and(|m| m.seq == before) => messages.pop(),
-            _ => None,
-        };
-        messages.truncate(usize::try_from(w.limit).unwrap_or(usize::MAX));
-        Ok(AfterRows { messages, end })
+    /// The first messages of `chat` after `w.after` (and before `w.before`),
+    /// oldest first.
+    pub async fn read_after(&self, chat: ChatId, after: i64, w: Window) -> Result<Vec<Message>, HistoryError> {
+        let before = w.before.unwrap_or(i64::MAX);
+        self.query(
+            "SELECT id, chat, seq, sender, recipient, body, ts FROM messages \
+             WHERE chat = $1 AND seq > $2 AND seq < $3 ORDER BY seq ASC LIMIT $4",
+            &[&chat, &after, &before, &w.limit],
+        )
+        .await
     }
 
     async fn query(
@@ -98,18 +75,21 @@ impl Db {
             .collect())
     }
 
-    /// The position of a stored message in `chat`.
-    pub async fn seq_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<i64>, HistoryError> {
+    /// The position (`seq`) and `ts` of a stored message in `chat`.
+    pub async fn position_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<(i64, i64)>, HistoryError> {
         let client = self
             .pool
             .get()
             .await
             .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
         let row = client
-            .query_opt("SELECT seq FROM messages WHERE chat = $1 AND id = $2", &[&chat, &id])
+            .query_opt(
+                "SELECT seq, ts FROM messages WHERE chat = $1 AND id = $2",
+                &[&chat, &id],
+            )
             .await
             .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     pub async fn ping(&self) -> bool {

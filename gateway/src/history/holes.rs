@@ -10,15 +10,24 @@
 //! answered in part, so it is refused as `Pending` (503, retry).
 //!
 //! A hole can also be for good (a dead-lettered message, the seqs a Redis
-//! restart skips): those must not stop pages. The accept script appends a
-//! chat's messages to the queue in seq order and only within
-//! `ACCEPT_DEADLINE_MS` of their `ts` (by Redis's clock), and the persister
-//! deletes an entry once its message is stored or dead-lettered. So the
-//! message before a stored row can still be in the queue only while the
-//! queue's oldest entry is at most that row's `ts` plus the deadline. The
-//! caller reads the queue *before* the rows, so a message stored (and gone
-//! from the queue) in between is in the rows. The seqs of the chat's last
-//! restart jump were never given to a message at all.
+//! restart skips): those must not stop pages. The argument, for a missing
+//! message M before a message N (stored, or the window's `before`):
+//! - the accept script appends a chat's messages to the queue in seq order,
+//!   so M's entry id is below N's; and it queues a message only within
+//!   `ACCEPT_DEADLINE_MS` of its `ts`, by Redis's clock, so N's entry id
+//!   time is at most N's `ts` plus the deadline;
+//! - the persister deletes an entry once its message is stored or
+//!   dead-lettered;
+//! - the caller reads, *before* the rows, a time `since` (Redis's clock)
+//!   such that every message queued before it has left the queue: the
+//!   queue's oldest entry, or the time of the read when it is empty.
+//!
+//! So if M may still come, it was queued at or after `since`, and `since` is
+//! at most N's `ts` plus the deadline. Past that, the hole is for good. (M
+//! stored between the caller's two reads is in the rows.) The seqs of the
+//! chat's last restart jump were given to no message that Redis kept. A
+//! dead letter replayed into the queue is a new entry, later than N's:
+//! windows may pass its hole before it is stored again.
 //!
 //! Pure: the caller reads the queue and PostgreSQL, and counts.
 
@@ -26,13 +35,11 @@ use shared::protocol::Message;
 
 use crate::queue::{SeqJump, ACCEPT_DEADLINE_MS};
 
-/// The queue's oldest entry, read before the rows.
+/// What the queue said, read before the rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueHead {
-    /// The queue was empty: every message accepted until then was stored or
-    /// dead-lettered, and every hole in the rows is for good.
-    Empty,
-    /// The oldest entry's id time (ms since the epoch, Redis's clock).
+    /// Every message queued before this time (ms since the epoch, Redis's
+    /// clock) has left the queue.
     Since(i64),
     /// Redis could not be asked: any hole may still fill.
     Unknown,
@@ -48,18 +55,14 @@ pub struct QueueView {
 
 impl QueueView {
     /// Whether a message with a seq between `prev` and `next_seq` may still
-    /// be in the queue; `next` is the message at `next_seq` when it is stored.
-    fn may_fill(&self, prev: i64, next_seq: i64, next: Option<&Message>) -> bool {
+    /// be in the queue; `next_ts` is the `ts` of the message at `next_seq`.
+    fn may_fill(&self, prev: i64, next_seq: i64, next_ts: i64) -> bool {
         if self.jump.is_some_and(|j| prev >= j.before && next_seq <= j.first_after) {
             return false;
         }
-        match (self.head, next) {
-            (QueueHead::Empty, _) => false,
-            (QueueHead::Unknown, _) => true,
-            // The message at `next_seq` is not stored: it, and the ones
-            // before it, may be in the queue.
-            (QueueHead::Since(_), None) => true,
-            (QueueHead::Since(oldest_ms), Some(next)) => oldest_ms <= next.ts.saturating_add(ACCEPT_DEADLINE_MS),
+        match self.head {
+            QueueHead::Since(since_ms) => since_ms <= next_ts.saturating_add(ACCEPT_DEADLINE_MS),
+            QueueHead::Unknown => true,
         }
     }
 }
@@ -77,20 +80,19 @@ pub enum Settled {
 }
 
 /// Settles the window of at most `limit` messages after seq `after` (and
-/// before seq `before`, if set): `rows` are PostgreSQL's, oldest first, and
-/// `end` the message at `before` if it is stored.
+/// before `before`, the seq and `ts` of a message, if set): `rows` are
+/// PostgreSQL's, oldest first.
 pub fn settle(
     after: i64,
-    before: Option<i64>,
+    before: Option<(i64, i64)>,
     limit: usize,
     mut rows: Vec<Message>,
-    end: Option<&Message>,
     queue: &QueueView,
 ) -> Settled {
     let mut prev = after;
     for at in 0..rows.len() {
-        let seq = rows[at].seq;
-        if seq > prev.saturating_add(1) && queue.may_fill(prev, seq, Some(&rows[at])) {
+        let (seq, ts) = (rows[at].seq, rows[at].ts);
+        if seq > prev.saturating_add(1) && queue.may_fill(prev, seq, ts) {
             if before.is_some() {
                 return Settled::Pending;
             }
@@ -101,8 +103,8 @@ pub fn settle(
     }
     // Between the last row and `before`: unless the page is full, the
     // window reaches up to `before`, so a hole there is in it too.
-    if let Some(before) = before {
-        if rows.len() < limit && prev.saturating_add(1) < before && queue.may_fill(prev, before, end) {
+    if let Some((before, before_ts)) = before {
+        if rows.len() < limit && prev.saturating_add(1) < before && queue.may_fill(prev, before, before_ts) {
             return Settled::Pending;
         }
     }
@@ -140,7 +142,7 @@ mod tests {
 
     /// A window after seq 3 with no `before`, limit 50.
     fn after_3(seqs: &[i64], view: QueueView) -> Settled {
-        settle(3, None, 50, rows(seqs), None, &view)
+        settle(3, None, 50, rows(seqs), &view)
     }
 
     fn seqs_of(settled: &Settled) -> Option<Vec<i64>> {
@@ -152,7 +154,7 @@ mod tests {
 
     #[test]
     fn a_window_without_holes_is_whole_whatever_the_queue_holds() {
-        for head in [QueueHead::Empty, QueueHead::Since(0), QueueHead::Unknown] {
+        for head in [QueueHead::Since(NOW), QueueHead::Since(0), QueueHead::Unknown] {
             let settled = after_3(&[4, 5, 6], queue(head));
             assert!(matches!(settled, Settled::Whole(_)), "{settled:?}");
             assert_eq!(seqs_of(&settled), Some(vec![4, 5, 6]));
@@ -160,8 +162,8 @@ mod tests {
     }
 
     #[test]
-    fn a_page_ends_at_a_hole_while_the_queue_holds_an_entry_from_before_its_next_message() {
-        // 5 is missing; the oldest entry is from before 6 was accepted.
+    fn a_page_ends_at_a_hole_while_the_queue_may_hold_a_message_queued_before_the_next_one() {
+        // 5 is missing; messages queued since NOW - 60 s may still be there.
         let settled = after_3(&[4, 6, 7], queue(QueueHead::Since(NOW - 60_000)));
         assert!(matches!(settled, Settled::Ended(_)), "{settled:?}");
         assert_eq!(seqs_of(&settled), Some(vec![4]));
@@ -171,13 +173,9 @@ mod tests {
     }
 
     #[test]
-    fn a_hole_is_for_good_once_the_queue_holds_nothing_queued_before_its_next_message() {
-        assert_eq!(
-            seqs_of(&after_3(&[4, 6, 7], queue(QueueHead::Empty))),
-            Some(vec![4, 6, 7])
-        );
+    fn a_hole_is_for_good_once_everything_queued_by_the_next_messages_deadline_has_left() {
         // 6 was accepted at NOW - 20 s, so it was queued by NOW - 20 s + the
-        // deadline; an older entry than that may be 5.
+        // deadline, and 5 before it.
         let queued_by = NOW - 20_000 + ACCEPT_DEADLINE_MS;
         let whole = after_3(&[4, 6, 7], queue(QueueHead::Since(queued_by + 1)));
         assert_eq!(seqs_of(&whole), Some(vec![4, 6, 7]));
@@ -187,7 +185,8 @@ mod tests {
 
     #[test]
     fn an_old_hole_for_good_is_passed_and_a_newer_one_that_may_fill_ends_the_page() {
-        // 6 accepted at NOW - 60 s, 9 at NOW - 20 s; the oldest entry at NOW - 30 s.
+        // 6 accepted at NOW - 60 s, 9 at NOW - 20 s; everything queued
+        // before NOW - 30 s has left.
         let settled = after_3(&[4, 6, 7, 9, 10], queue(QueueHead::Since(NOW - 30_000)));
         assert_eq!(seqs_of(&settled), Some(vec![4, 6, 7]));
     }
@@ -220,27 +219,21 @@ mod tests {
     #[test]
     fn a_window_between_two_messages_with_a_hole_that_may_fill_is_pending() {
         let waiting = queue(QueueHead::Since(NOW - 60_000));
+        let before = Some((9, NOW));
         // Inside the rows.
-        assert_eq!(
-            settle(3, Some(9), 50, rows(&[4, 6, 7]), None, &waiting),
-            Settled::Pending
-        );
-        // After the last row, before `before`: judged by the message at
-        // `before` when it is stored, else it may fill.
-        let end = rows(&[4, 5, 9]).pop().unwrap();
-        assert_eq!(
-            settle(3, Some(9), 50, rows(&[4, 5]), Some(&end), &waiting),
-            Settled::Pending
-        );
-        assert_eq!(settle(3, Some(9), 50, rows(&[4, 5]), None, &waiting), Settled::Pending);
-        assert_eq!(settle(3, Some(9), 50, vec![], None, &waiting), Settled::Pending);
-        // The same windows once the queue holds nothing from before them.
-        let settled = settle(3, Some(9), 50, rows(&[4, 5]), Some(&end), &queue(QueueHead::Empty));
-        assert_eq!(seqs_of(&settled), Some(vec![4, 5]));
+        assert_eq!(settle(3, before, 50, rows(&[4, 6, 7]), &waiting), Settled::Pending);
+        // After the last row, before `before` (judged by its `ts`).
+        assert_eq!(settle(3, before, 50, rows(&[4, 5]), &waiting), Settled::Pending);
+        assert_eq!(settle(3, before, 50, vec![], &waiting), Settled::Pending);
+        // The same windows once everything queued by 9's deadline has left.
+        let left = queue(QueueHead::Since(NOW + ACCEPT_DEADLINE_MS + 1));
+        assert_eq!(seqs_of(&settle(3, before, 50, rows(&[4, 5]), &left)), Some(vec![4, 5]));
         // No hole up to `before`, or a full page: whole.
-        let settled = settle(3, Some(6), 50, rows(&[4, 5]), None, &waiting);
+        let settled = settle(3, Some((6, NOW)), 50, rows(&[4, 5]), &waiting);
         assert_eq!(seqs_of(&settled), Some(vec![4, 5]));
-        let settled = settle(3, Some(9), 2, rows(&[4, 5]), None, &waiting);
-        assert_eq!(seqs_of(&settled), Some(vec![4, 5]));
+        assert_eq!(
+            seqs_of(&settle(3, before, 2, rows(&[4, 5]), &waiting)),
+            Some(vec![4, 5])
+        );
     }
 }

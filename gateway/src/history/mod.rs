@@ -56,6 +56,9 @@ pub struct Window {
     /// Only messages before this position; the last `limit` of them unless
     /// `after` is set.
     pub before: Option<i64>,
+    /// The `ts` of the message at `before`: with `after` set, a hole just
+    /// before it is judged by it (`holes`).
+    pub before_ts: Option<i64>,
     pub limit: i64,
 }
 
@@ -108,9 +111,10 @@ impl History {
         Ok(messages)
     }
 
-    /// The position of a stored message in `chat`, if PostgreSQL has it.
-    pub async fn seq_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<i64>, HistoryError> {
-        self.db.seq_of(chat, id).await
+    /// The position (`seq`) and `ts` of a stored message in `chat`, if
+    /// PostgreSQL has it.
+    pub async fn position_of(&self, chat: ChatId, id: uuid::Uuid) -> Result<Option<(i64, i64)>, HistoryError> {
+        self.db.position_of(chat, id).await
     }
 
     pub async fn ping(&self) -> bool {
@@ -152,6 +156,7 @@ impl History {
             let window = Window {
                 after: None,
                 before: None,
+                before_ts: None,
                 limit: size,
             };
             match this.read_db(chat, window).await {
@@ -180,8 +185,8 @@ async fn read_after(
     // The queue before the rows: a message stored (and gone from the queue)
     // in between is in the rows.
     let view = match queue.holes_of(chat).await {
-        Ok((oldest_ms, jump)) => QueueView {
-            head: oldest_ms.map_or(QueueHead::Empty, QueueHead::Since),
+        Ok((since_ms, jump)) => QueueView {
+            head: QueueHead::Since(since_ms),
             jump,
         },
         Err(_) => QueueView {
@@ -191,7 +196,8 @@ async fn read_after(
     };
     let rows = db.read_after(chat, after, window).await?;
     let limit = usize::try_from(window.limit).unwrap_or(usize::MAX);
-    match holes::settle(after, window.before, limit, rows.messages, rows.end.as_ref(), &view) {
+    let before = window.before.zip(window.before_ts);
+    match holes::settle(after, before, limit, rows, &view) {
         Settled::Whole(messages) => Ok(messages),
         Settled::Ended(messages) => {
             metrics::counter!("gateway_history_holes_total", "outcome" => "ended").increment(1);

@@ -571,9 +571,9 @@ async fn a_chats_cache_expires_from_its_first_message_and_is_renewed_while_activ
 /// queue, so a client paging on never passes it, and a window between two
 /// messages around it is refused with 503 (retry); once it is stored both
 /// go on. A hole for good (a message gone from the queue without being
-/// stored, as a dead-lettered one is) stops nothing: at once when the queue
-/// is empty, and, when it is not, once every entry in it was queued after
-/// the message past the hole (its `ts` plus the accept deadline, 10 s).
+/// stored, as a dead-lettered one is) stops nothing once everything queued
+/// until the accept deadline (10 s) after the `ts` of the message past it
+/// has left the queue, whether the queue is empty or holds later entries.
 #[tokio::test]
 async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_at_a_hole_for_good() {
     let mut stack = cached_and_uncached().await;
@@ -621,25 +621,35 @@ async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_a
     let page = history(&stack, 1, alice, chat, &between).await;
     assert_eq!(page["messages"], Value::Array(all[2..4].to_vec()));
 
-    // Once the queue is empty, a hole (the second's row gone, as if it had
-    // been dead-lettered) is for good, and neither stops at it.
+    // A hole for good: the second's row gone, as if it had been
+    // dead-lettered, and the queue empty. Until the deadline after the
+    // third's `ts`, the queue cannot tell it from a message still on its way
+    // (one accepted after the queue was read may be stored after the rows):
+    // the page still ends there.
     let mut redis = stack.redis.connection().await;
     wait_queue_empty(&mut redis).await;
     stack
         .sql(&format!("DELETE FROM messages WHERE chat = '{chat}' AND seq = 4"))
         .await;
+    let queued_by = acks[2]["ts"].as_i64().unwrap() + ACCEPT_DEADLINE_MS;
+    assert!(now_ms() < queued_by - 1000, "the test's premise: within the deadline");
+    assert_eq!(
+        seqs(&messages(&history(&stack, 1, alice, chat, &after_cursor).await)),
+        [3]
+    );
+    // Then it is for good, and neither stops at it.
+    tokio::time::sleep(Duration::from_millis(
+        u64::try_from(queued_by + 500 - now_ms()).unwrap_or(0),
+    ))
+    .await;
     let page = history(&stack, 1, alice, chat, &after_cursor).await;
     assert_eq!(seqs(&messages(&page)), [3, 5], "a hole for good ends no page");
     let page = history(&stack, 1, alice, chat, &between).await;
     assert_eq!(seqs(&messages(&page)), [3], "a hole for good holds up no window");
 
-    // With the queue holding only later entries, too: the persister stops
-    // again, and a message to another chat waits in the queue, queued more
-    // than the deadline after seq 5's `ts`.
+    // With the queue holding entries, all later: the persister stops again,
+    // and a message to another chat waits in the queue.
     stack.persister.as_mut().expect("a persister").terminate(WAIT).await;
-    let queued_by = acks[2]["ts"].as_i64().unwrap() + ACCEPT_DEADLINE_MS;
-    let wait = u64::try_from(queued_by + 500 - now_ms()).unwrap_or(0);
-    tokio::time::sleep(Duration::from_millis(wait)).await;
     let other = group_of(&stack, alice, "another").await;
     client.send_to_chat(other, "waits in the queue").await;
     assert!(redis.xlen::<_, u64>(shared::queue::STREAM).await.unwrap() > 0);
