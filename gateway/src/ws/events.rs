@@ -245,7 +245,7 @@ impl Session {
             return;
         };
         if std::mem::take(&mut self.resync_due) {
-            tracing::info!("read the user's groups at a ping, after a resync had failed");
+            tracing::info!("read the user's groups again after a resync had failed");
         }
         metrics::counter!("gateway_membership_resyncs_total", "outcome" => "done").increment(1);
         let joined: Vec<ChatId> = groups.difference(&self.chats).copied().collect();
