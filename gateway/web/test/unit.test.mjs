@@ -114,8 +114,12 @@ class FakeSocket {
   }
 }
 
-/** A REST API over an in-memory chat history. */
-function fakeApi(history) {
+/**
+ * A REST API over an in-memory chat history (in seq order). Like the
+ * server, a page after a cursor stops before a seq in `pending` (a message
+ * still on its way to storage); other holes are passed.
+ */
+function fakeApi(history, pending = new Set()) {
   const calls = [];
   const fetchImpl = async (url) => {
     const u = new URL(url);
@@ -126,7 +130,13 @@ function fakeApi(history) {
     const after = u.searchParams.get('after');
     const before = u.searchParams.get('before');
     let list = history;
-    if (after) list = list.filter((m) => m.seq > history.find((h) => h.id === after).seq).slice(0, limit);
+    if (after) {
+      const from = history.find((h) => h.id === after).seq;
+      list = list.filter((m) => m.seq > from);
+      const stop = list.findIndex((m) => [...pending].some((p) => p > from && p < m.seq));
+      if (stop >= 0) list = list.slice(0, stop);
+      list = list.slice(0, limit);
+    }
     else if (before) list = list.filter((m) => m.seq < history.find((h) => h.id === before).seq).slice(-limit);
     else list = list.slice(-limit);
     return json(200, { messages: list });
@@ -142,9 +152,9 @@ async function until(what, check, ms = 3000) {
   }
 }
 
-function newClient(history, lag) {
+function newClient(history, lag, pending) {
   FakeSocket.all = [];
-  const api = fakeApi(history);
+  const api = fakeApi(history, pending);
   const client = new ChatClient({
     base: 'http://chat.test',
     session: { token: 't', user: 'me' },
@@ -174,7 +184,7 @@ describe('ChatClient', () => {
 
   test('a message history does not have yet is asked for again until it is there, never skipped', async () => {
     const history = [1, 2, 3].map((s) => msg(s));
-    const { client, calls } = newClient(history, { firstMs: 1, tries: 3, recheckMs: 100 });
+    const { client, calls } = newClient(history, { firstMs: 1, tries: 3, recheckMs: 20, maxRecheckMs: 40 });
     client.start();
     FakeSocket.all[0].open();
     await client.load('c');
@@ -188,6 +198,22 @@ describe('ChatClient', () => {
     assert.equal(client.chats.get('c').head.seq, 3, 'the head stays before the missing message');
     // Stored now: the next recheck fills the hole.
     history.push(msg(4), msg(5));
+    await until('hole filled', () => client.chats.get('c').head.seq === 5);
+    assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3, 4, 5]);
+    client.stop();
+  });
+
+  test('a hole in the first page read is asked for, not skipped', async () => {
+    // 3 is still on its way to storage; the latest page is served as stored.
+    const history = [1, 2, 4, 5].map((s) => msg(s));
+    const pending = new Set([3]);
+    const { client } = newClient(history, { firstMs: 1, tries: 2, recheckMs: 20, maxRecheckMs: 40 }, pending);
+    client.start();
+    FakeSocket.all[0].open();
+    await client.load('c');
+    assert.equal(client.chats.get('c').head.seq, 2, 'the head stops before the hole');
+    history.splice(2, 0, msg(3));
+    pending.delete(3);
     await until('hole filled', () => client.chats.get('c').head.seq === 5);
     assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3, 4, 5]);
     client.stop();

@@ -21,11 +21,13 @@ export const PAGE = 50;
 export const CATCH_UP_PAGE = 500;
 /**
  * Catching up while history lags what we were told live: asked again after
- * firstMs, doubling, `tries` times; then every recheckMs while connected.
- * History never passes a message still on its way to storage, and passes a
- * hole for good by itself, so the client never skips a hole on its own.
+ * firstMs, doubling, `tries` times; then once after recheckMs, doubling up
+ * to maxRecheckMs, while connected (a new live message starts over). History
+ * never passes a message still on its way to storage and passes a hole for
+ * good by itself once a later message is stored, so the client never skips
+ * a hole on its own.
  */
-export const LAG = { firstMs: 150, tries: 6, recheckMs: 15000 };
+export const LAG = { firstMs: 150, tries: 6, recheckMs: 15000, maxRecheckMs: 600000 };
 /** A send with no ack this long means the socket is dead: reconnect. */
 export const ACK_TIMEOUT_MS = 10000;
 /** Application-level ping, and how long a pong may take. */
@@ -82,6 +84,7 @@ export class ChatState {
     this.catchAgain = false;
     this.catchRetry = null; // timer of the next try after a failed or lagging catch-up
     this.catchFailures = 0;
+    this.lagRechecks = 0; // rechecks in a row that found history still behind
   }
 
   /** Confirmed messages in seq order, then our unconfirmed sends in send order. */
@@ -364,8 +367,11 @@ export class ChatClient extends EventTarget {
     for (const m of page) this.acceptStored(c, m);
     if (!c.loaded) {
       c.loaded = true;
-      const last = page[page.length - 1];
-      c.head = last ? { id: last.id, seq: last.seq } : null;
+      // The head goes as far as the page is unbroken: a latest page is
+      // served as stored, so a hole in it may be a message still on its way,
+      // which catching up from before it asks for (history answers a window
+      // after a cursor only up to such a message).
+      c.head = page.length ? { id: page[0].id, seq: page[0].seq } : null;
       c.oldestReached = page.length < PAGE;
       c.advanceHead();
     }
@@ -404,9 +410,10 @@ export class ChatClient extends EventTarget {
   /**
    * Brings a loaded chat up to date from `after=<head>`, page by page. When
    * we hold messages the server does not list yet (history may lag live
-   * delivery), it asks again a few times, then every `lag.recheckMs`.
+   * delivery), it asks again a few times, then rechecks (`LAG`); a recheck
+   * asks once.
    */
-  catchUp(c) {
+  catchUp(c, recheck = false) {
     if (!c.loaded) return Promise.resolve();
     if (c.catching) {
       c.catchAgain = true;
@@ -414,7 +421,7 @@ export class ChatClient extends EventTarget {
     }
     this.cancel(c.catchRetry);
     c.catching = (async () => {
-      let lagRetries = 0;
+      let lagRetries = recheck ? this.lag.tries : 0;
       let failed = false;
       let lagging = false;
       try {
@@ -455,8 +462,10 @@ export class ChatClient extends EventTarget {
         if (failed && this.ws) {
           c.catchRetry = this.later(Math.min(2000, backoffDelay(c.catchFailures++)), () => this.catchUp(c));
         } else if (lagging && this.ws) {
-          c.catchRetry = this.later(this.lag.recheckMs, () => this.catchUp(c));
+          const wait = Math.min(this.lag.maxRecheckMs, this.lag.recheckMs * 2 ** c.lagRechecks++);
+          c.catchRetry = this.later(wait, () => this.catchUp(c, true));
         }
+        if (!lagging && !failed) c.lagRechecks = 0;
         if (c.catchAgain) {
           c.catchAgain = false;
           this.catchUp(c);
