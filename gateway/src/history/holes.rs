@@ -23,7 +23,8 @@
 //!   queue's oldest entry, or the time of the read when it is empty.
 //!
 //! So if M may still come, it was queued at or after `since`, and `since` is
-//! at most N's `ts` plus the deadline. Past that, the hole is for good. (M
+//! at most N's `ts` plus the deadline (plus `CLOCK_MARGIN_MS` for Redis's
+//! clock). Past that, the hole is for good. (M
 //! stored between the caller's two reads is in the rows.) The seqs of the
 //! chat's last restart jump were given to no message that Redis kept. A
 //! dead letter replayed into the queue is a new entry, later than N's:
@@ -34,6 +35,12 @@
 use shared::protocol::Message;
 
 use crate::queue::{SeqJump, ACCEPT_DEADLINE_MS};
+
+/// Slack for Redis's own clock: an entry id's time is the later of the
+/// clock and the stream's last id, and XADD may read the clock a little
+/// after the script's `TIME`. (A Redis clock stepping back by more than this
+/// is not allowed for.)
+const CLOCK_MARGIN_MS: i64 = 1_000;
 
 /// What the queue said, read before the rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +68,7 @@ impl QueueView {
             return false;
         }
         match self.head {
-            QueueHead::Since(since_ms) => since_ms <= next_ts.saturating_add(ACCEPT_DEADLINE_MS),
+            QueueHead::Since(since_ms) => since_ms <= next_ts.saturating_add(ACCEPT_DEADLINE_MS + CLOCK_MARGIN_MS),
             QueueHead::Unknown => true,
         }
     }
@@ -176,7 +183,7 @@ mod tests {
     fn a_hole_is_for_good_once_everything_queued_by_the_next_messages_deadline_has_left() {
         // 6 was accepted at NOW - 20 s, so it was queued by NOW - 20 s + the
         // deadline, and 5 before it.
-        let queued_by = NOW - 20_000 + ACCEPT_DEADLINE_MS;
+        let queued_by = NOW - 20_000 + ACCEPT_DEADLINE_MS + CLOCK_MARGIN_MS;
         let whole = after_3(&[4, 6, 7], queue(QueueHead::Since(queued_by + 1)));
         assert_eq!(seqs_of(&whole), Some(vec![4, 6, 7]));
         let ended = after_3(&[4, 6, 7], queue(QueueHead::Since(queued_by)));
@@ -226,7 +233,7 @@ mod tests {
         assert_eq!(settle(3, before, 50, rows(&[4, 5]), &waiting), Settled::Pending);
         assert_eq!(settle(3, before, 50, vec![], &waiting), Settled::Pending);
         // The same windows once everything queued by 9's deadline has left.
-        let left = queue(QueueHead::Since(NOW + ACCEPT_DEADLINE_MS + 1));
+        let left = queue(QueueHead::Since(NOW + ACCEPT_DEADLINE_MS + CLOCK_MARGIN_MS + 1));
         assert_eq!(seqs_of(&settle(3, before, 50, rows(&[4, 5]), &left)), Some(vec![4, 5]));
         // No hole up to `before`, or a full page: whole.
         let settled = settle(3, Some((6, NOW)), 50, rows(&[4, 5]), &waiting);

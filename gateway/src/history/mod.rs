@@ -68,7 +68,7 @@ type DbRead = Shared<BoxFuture<'static, Result<Arc<Vec<Message>>, HistoryError>>
 pub struct History {
     db: Db,
     cache: RecentCache,
-    /// Asked how old the queue's oldest entry is, for the holes of a page.
+    /// Asked what has left the queue, for the holes of a window (`holes`).
     queue: Queue,
     /// PostgreSQL reads in flight, shared by identical requests.
     reads: Arc<DashMap<(ChatId, Window), DbRead>>,

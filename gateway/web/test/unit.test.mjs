@@ -219,6 +219,28 @@ describe('ChatClient', () => {
     client.stop();
   });
 
+  test('a chat read empty catches up from its first message without skipping a hole', async () => {
+    const history = [];
+    const pending = new Set();
+    const { client } = newClient(history, { firstMs: 1, tries: 2, recheckMs: 20, maxRecheckMs: 40 }, pending);
+    client.start();
+    FakeSocket.all[0].open();
+    await client.load('c');
+    assert.equal(client.chats.get('c').head, null);
+    // Meanwhile 1..4 were written, 2 is still on its way, and 4 arrives live.
+    history.push(msg(1), msg(3), msg(4));
+    pending.add(2);
+    FakeSocket.all[0].push({ type: 'message', ...msg(4) });
+    await until('caught up to the hole', () => client.chats.get('c').head?.seq === 1);
+    await sleep(100);
+    assert.equal(client.chats.get('c').head.seq, 1, 'the head stays before the hole');
+    history.splice(1, 0, msg(2));
+    pending.delete(2);
+    await until('hole filled', () => client.chats.get('c').head.seq === 4);
+    assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3, 4]);
+    client.stop();
+  });
+
   test('after a 1001 close it reconnects with backoff, resends unacked sends with their id, and catches up', async () => {
     const history = [1, 2].map((s) => msg(s));
     const { client, calls } = newClient(history);

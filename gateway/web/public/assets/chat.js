@@ -22,7 +22,8 @@ export const CATCH_UP_PAGE = 500;
 /**
  * Catching up while history lags what we were told live: asked again after
  * firstMs, doubling, `tries` times; then once after recheckMs, doubling up
- * to maxRecheckMs, while connected (a new live message starts over). History
+ * to maxRecheckMs while history does not move on, while connected (a new
+ * live message starts the quick tries again). History
  * never passes a message still on its way to storage and passes a hole for
  * good by itself once a later message is stored, so the client never skips
  * a hole on its own.
@@ -424,15 +425,23 @@ export class ChatClient extends EventTarget {
       let lagRetries = recheck ? this.lag.tries : 0;
       let failed = false;
       let lagging = false;
+      const headBefore = c.head ? c.head.seq : 0;
       try {
         for (;;) {
-          const query = c.head ? { after: c.head.id, limit: CATCH_UP_PAGE } : { limit: CATCH_UP_PAGE };
+          const cursor = c.head;
+          const query = cursor ? { after: cursor.id, limit: CATCH_UP_PAGE } : { limit: CATCH_UP_PAGE };
           const page = await this.history(c.id, query);
           for (const m of page) this.acceptStored(c, m);
           const last = page[page.length - 1];
-          // The page is all the server has after head: holes before its
-          // last message are not ours to fill.
-          if (last && (!c.head || last.seq > c.head.seq)) c.head = { id: last.id, seq: last.seq };
+          if (cursor) {
+            // A page after a cursor is all the server has there: it never
+            // passes a message still on its way, so holes before its last
+            // message are for good.
+            if (last && last.seq > cursor.seq) c.head = { id: last.id, seq: last.seq };
+          } else if (page.length) {
+            // The latest messages, served as stored: as far as unbroken (readLatest).
+            c.head = { id: page[0].id, seq: page[0].seq };
+          }
           c.advanceHead();
           this.emit('messages', { chat: c.id });
           if (page.length === CATCH_UP_PAGE) continue;
@@ -465,7 +474,8 @@ export class ChatClient extends EventTarget {
           const wait = Math.min(this.lag.maxRecheckMs, this.lag.recheckMs * 2 ** c.lagRechecks++);
           c.catchRetry = this.later(wait, () => this.catchUp(c, true));
         }
-        if (!lagging && !failed) c.lagRechecks = 0;
+        // History moved on, or caught up: the next recheck comes soon again.
+        if ((!lagging && !failed) || (c.head ? c.head.seq : 0) > headBefore) c.lagRechecks = 0;
         if (c.catchAgain) {
           c.catchAgain = false;
           this.catchUp(c);
