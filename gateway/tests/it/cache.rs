@@ -572,8 +572,9 @@ async fn a_chats_cache_expires_from_its_first_message_and_is_renewed_while_activ
 /// messages around it is refused with 503 (retry); once it is stored both
 /// go on. A hole for good (a message gone from the queue without being
 /// stored, as a dead-lettered one is) stops nothing once everything queued
-/// until the accept deadline (10 s) after the `ts` of the message past it
-/// has left the queue, whether the queue is empty or holds later entries.
+/// until the accept deadline (10 s, and a second of slack) after the `ts` of
+/// the message past it has left the queue, whether the queue is empty or
+/// holds later entries.
 #[tokio::test]
 async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_at_a_hole_for_good() {
     let mut stack = cached_and_uncached().await;

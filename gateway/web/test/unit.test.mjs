@@ -130,8 +130,12 @@ function fakeApi(history, pending = new Set()) {
     const after = u.searchParams.get('after');
     const before = u.searchParams.get('before');
     let list = history;
+    const cursor = (id) => history.find((h) => h.id === id);
+    if ((after && !cursor(after)) || (before && !cursor(before))) {
+      return json(400, { code: 'bad_request', message: 'names no message of this chat' });
+    }
     if (after) {
-      const from = history.find((h) => h.id === after).seq;
+      const from = cursor(after).seq;
       list = list.filter((m) => m.seq > from);
       const stop = list.findIndex((m) => [...pending].some((p) => p > from && p < m.seq));
       if (stop >= 0) list = list.slice(0, stop);
@@ -238,6 +242,23 @@ describe('ChatClient', () => {
     pending.delete(2);
     await until('hole filled', () => client.chats.get('c').head.seq === 4);
     assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3, 4]);
+    client.stop();
+  });
+
+  test('after the server lost messages we hold (a 400 for our cursor), catching up ends', async () => {
+    const history = [1, 2, 3, 4, 5].map((s) => msg(s));
+    const { client, calls } = newClient(history, { firstMs: 1, tries: 2, recheckMs: 20, maxRecheckMs: 40 });
+    client.start();
+    FakeSocket.all[0].open();
+    await client.load('c');
+    assert.equal(client.chats.get('c').head.seq, 5);
+    // Redis restarted and lost 4 and 5; the next message has seq 10.
+    history.splice(3, 2, msg(10), msg(11));
+    FakeSocket.all[0].push({ type: 'message', ...msg(10) });
+    await until('caught up past the jump', () => client.chats.get('c').head.seq === 11);
+    await sleep(100);
+    const unknown = calls.filter((c) => c.includes(`after=${msg(5).id}`)).length;
+    assert.equal(unknown, 1, `asked after the lost message ${unknown} times`);
     client.stop();
   });
 

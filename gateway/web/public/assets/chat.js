@@ -21,14 +21,15 @@ export const PAGE = 50;
 export const CATCH_UP_PAGE = 500;
 /**
  * Catching up while history lags what we were told live: asked again after
- * firstMs, doubling, `tries` times; then once after recheckMs, doubling up
+ * firstMs, doubling, `tries` times (about 19 s: a hole for good is passed
+ * by history about 11 s after the next message); then once after recheckMs, doubling up
  * to maxRecheckMs while history does not move on, while connected (a new
  * live message starts the quick tries again). History
  * never passes a message still on its way to storage and passes a hole for
  * good by itself once a later message is stored, so the client never skips
  * a hole on its own.
  */
-export const LAG = { firstMs: 150, tries: 6, recheckMs: 15000, maxRecheckMs: 600000 };
+export const LAG = { firstMs: 150, tries: 7, recheckMs: 15000, maxRecheckMs: 600000 };
 /** A send with no ack this long means the socket is dead: reconnect. */
 export const ACK_TIMEOUT_MS = 10000;
 /** Application-level ping, and how long a pong may take. */
@@ -438,11 +439,17 @@ export class ChatClient extends EventTarget {
             // passes a message still on its way, so holes before its last
             // message are for good.
             if (last && last.seq > cursor.seq) c.head = { id: last.id, seq: last.seq };
+            c.advanceHead();
           } else if (page.length) {
-            // The latest messages, served as stored: as far as unbroken (readLatest).
-            c.head = { id: page[0].id, seq: page[0].seq };
+            // The latest messages, served as stored: the head goes as far as
+            // the page itself is unbroken. Not over what we hold beyond it
+            // unless the page reaches it: after a 400 we may hold messages
+            // the server lost, and the head must not land on one again.
+            let at = 0;
+            while (at + 1 < page.length && page[at + 1].seq === page[at].seq + 1) at++;
+            c.head = { id: page[at].id, seq: page[at].seq };
+            if (at === page.length - 1) c.advanceHead();
           }
-          c.advanceHead();
           this.emit('messages', { chat: c.id });
           if (page.length === CATCH_UP_PAGE) continue;
           if (!c.hasGap()) break;
@@ -468,14 +475,14 @@ export class ChatClient extends EventTarget {
         }
       } finally {
         c.catching = null;
+        // History moved on, or caught up: the next recheck comes soon again.
+        if ((!lagging && !failed) || (c.head ? c.head.seq : 0) > headBefore) c.lagRechecks = 0;
         if (failed && this.ws) {
           c.catchRetry = this.later(Math.min(2000, backoffDelay(c.catchFailures++)), () => this.catchUp(c));
         } else if (lagging && this.ws) {
           const wait = Math.min(this.lag.maxRecheckMs, this.lag.recheckMs * 2 ** c.lagRechecks++);
           c.catchRetry = this.later(wait, () => this.catchUp(c, true));
         }
-        // History moved on, or caught up: the next recheck comes soon again.
-        if ((!lagging && !failed) || (c.head ? c.head.seq : 0) > headBefore) c.lagRechecks = 0;
         if (c.catchAgain) {
           c.catchAgain = false;
           this.catchUp(c);
