@@ -262,6 +262,28 @@ describe('ChatClient', () => {
     client.stop();
   });
 
+  test('messages the server lost are dropped, one 400 each, and the catch-up goes on from what it has', async () => {
+    const history = [1, 2, 3, 4, 5].map((s) => msg(s));
+    const pending = new Set();
+    const { client, calls } = newClient(history, { firstMs: 1, tries: 2, recheckMs: 20, maxRecheckMs: 40 }, pending);
+    client.start();
+    FakeSocket.all[0].open();
+    await client.load('c');
+    // Redis restarted and lost 4 and 5; 10, the next message, is not stored yet.
+    history.splice(3, 2);
+    pending.add(10);
+    FakeSocket.all[0].push({ type: 'message', ...msg(10) });
+    await until('back before the lost ones', () => client.chats.get('c').head?.seq === 3);
+    await sleep(100);
+    const lost = calls.filter((c) => c.includes(`after=${msg(4).id}`) || c.includes(`after=${msg(5).id}`));
+    assert.ok(lost.length <= 2, `asked after lost messages ${lost.length} times`);
+    assert.deepEqual(client.chats.get('c').ordered().map((m) => m.seq), [1, 2, 3, 10]);
+    history.push(msg(10));
+    pending.delete(10);
+    await until('caught up', () => client.chats.get('c').head.seq === 10);
+    client.stop();
+  });
+
   test('after a 1001 close it reconnects with backoff, resends unacked sends with their id, and catches up', async () => {
     const history = [1, 2].map((s) => msg(s));
     const { client, calls } = newClient(history);

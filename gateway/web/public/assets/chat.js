@@ -464,8 +464,11 @@ export class ChatClient extends EventTarget {
         c.catchFailures = 0;
       } catch (e) {
         if (e instanceof ApiError && e.status === 400 && c.head) {
-          // The cursor is unknown to the server (its Redis was reset?):
-          // start over from the latest page.
+          // The cursor is unknown to the server (its Redis lost it?): it is
+          // no message of the chat, so it goes, and the catch-up starts
+          // over from the latest page (which must not lead back onto it).
+          c.bySeq.delete(c.head.seq);
+          c.msgs.delete(c.head.id);
           c.head = null;
           c.catchAgain = true;
         } else if (!(e instanceof ApiError && (e.status === 403 || e.status === 404))) {
