@@ -134,6 +134,8 @@ impl Session {
             let (ping_every, ping_timeout) = (self.svc.config.ping_interval, self.svc.config.ping_timeout);
             let silence = ping_every + ping_timeout;
             let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+            // After a long stalled write, one ping (and one resync retry), not a burst.
+            pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let expiry = tokio::time::sleep_until(self.expires);
             // Armed before each write of queued frames: moving the deadline of a
             // timer that has not fired yet is lock-free in tokio; after an idle
