@@ -179,7 +179,8 @@ async fn a_send_without_an_id_whose_answer_came_too_late_is_acked_once_because_r
 /// accepted. (History relies on the bound: history::holes.)
 #[tokio::test]
 async fn a_send_whose_script_runs_past_the_accept_deadline_is_refused_and_nothing_is_queued() {
-    const PAUSE_MS: u64 = 10_500;
+    // Past the 10 s deadline with room for the frame's way to the gateway.
+    const PAUSE_MS: u64 = 12_000;
     let stack = Stack::start(StackOptions {
         gateways: 1,
         persister: false,
