@@ -7,6 +7,11 @@
 //! sender get its `ack`. Why `seq` comes from here and how it survives a
 //! Redis restart is argued in docs/architecture.md (Ordering).
 //!
+//! The script queues a message only within `ACCEPT_DEADLINE_MS` of the
+//! gateway's stamp, and `holes_of` tells history what has left the queue;
+//! together they let history tell a message still on its way from a hole
+//! for good (history::holes).
+//!
 //! This module never talks to PostgreSQL (the persister does) and never
 //! writes to a client (the session does).
 
