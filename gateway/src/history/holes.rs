@@ -42,6 +42,10 @@ use crate::queue::{SeqJump, ACCEPT_DEADLINE_MS};
 /// is not allowed for.)
 const CLOCK_MARGIN_MS: i64 = 1_000;
 
+/// How long after the `ts` of the message past a hole everything queued
+/// before that message has surely left the queue (if it ever will).
+pub const FINAL_AFTER_MS: i64 = ACCEPT_DEADLINE_MS + CLOCK_MARGIN_MS;
+
 /// What the queue said, read before the rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueHead {
@@ -68,7 +72,7 @@ impl QueueView {
             return false;
         }
         match self.head {
-            QueueHead::Since(since_ms) => since_ms <= next_ts.saturating_add(ACCEPT_DEADLINE_MS + CLOCK_MARGIN_MS),
+            QueueHead::Since(since_ms) => since_ms <= next_ts.saturating_add(FINAL_AFTER_MS),
             QueueHead::Unknown => true,
         }
     }
@@ -183,7 +187,7 @@ mod tests {
     fn a_hole_is_for_good_once_everything_queued_by_the_next_messages_deadline_has_left() {
         // 6 was accepted at NOW - 20 s, so it was queued by NOW - 20 s + the
         // deadline, and 5 before it.
-        let queued_by = NOW - 20_000 + ACCEPT_DEADLINE_MS + CLOCK_MARGIN_MS;
+        let queued_by = NOW - 20_000 + FINAL_AFTER_MS;
         let whole = after_3(&[4, 6, 7], queue(QueueHead::Since(queued_by + 1)));
         assert_eq!(seqs_of(&whole), Some(vec![4, 6, 7]));
         let ended = after_3(&[4, 6, 7], queue(QueueHead::Since(queued_by)));
@@ -233,7 +237,7 @@ mod tests {
         assert_eq!(settle(3, before, 50, rows(&[4, 5]), &waiting), Settled::Pending);
         assert_eq!(settle(3, before, 50, vec![], &waiting), Settled::Pending);
         // The same windows once everything queued by 9's deadline has left.
-        let left = queue(QueueHead::Since(NOW + ACCEPT_DEADLINE_MS + CLOCK_MARGIN_MS + 1));
+        let left = queue(QueueHead::Since(NOW + FINAL_AFTER_MS + 1));
         assert_eq!(seqs_of(&settle(3, before, 50, rows(&[4, 5]), &left)), Some(vec![4, 5]));
         // No hole up to `before`, or a full page: whole.
         let settled = settle(3, Some((6, NOW)), 50, rows(&[4, 5]), &waiting);

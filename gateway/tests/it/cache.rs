@@ -11,7 +11,9 @@ use redis::AsyncCommands;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::harness::{private_chat, user, Stack, StackOptions};
+use gateway::history::holes::FINAL_AFTER_MS;
+
+use crate::harness::{now_ms, private_chat, user, Stack, StackOptions};
 
 const CACHE_SIZE: usize = 20;
 const WAIT: Duration = Duration::from_secs(30);
@@ -627,13 +629,15 @@ async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_a
     // third's `ts`, the queue cannot tell it from a message still on its way
     // (one accepted after the queue was read may be stored after the rows):
     // the page still ends there.
-    let mut redis = stack.redis.connection().await;
-    wait_queue_empty(&mut redis).await;
+    stack
+        .eventually("the queue empty", WAIT, async || {
+            (stack.queue_length().await == 0).then_some(())
+        })
+        .await;
     stack
         .sql(&format!("DELETE FROM messages WHERE chat = '{chat}' AND seq = 4"))
         .await;
-    // (The gateway allows Redis's clock a second of slack.)
-    let queued_by = acks[2]["ts"].as_i64().unwrap() + ACCEPT_DEADLINE_MS + 1000;
+    let queued_by = acks[2]["ts"].as_i64().unwrap() + FINAL_AFTER_MS;
     let page = history(&stack, 1, alice, chat, &after_cursor).await;
     if now_ms() < queued_by - 500 {
         assert_eq!(seqs(&messages(&page)), [3], "a hole within the deadline ends the page");
@@ -655,7 +659,7 @@ async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_a
     stack.persister.as_mut().expect("a persister").terminate(WAIT).await;
     let other = group_of(&stack, alice, "another").await;
     client.send_to_chat(other, "waits in the queue").await;
-    assert!(redis.xlen::<_, u64>(shared::queue::STREAM).await.unwrap() > 0);
+    assert!(stack.queue_length().await > 0);
     let page = history(&stack, 1, alice, chat, &after_cursor).await;
     assert_eq!(
         seqs(&messages(&page)),
@@ -664,28 +668,6 @@ async fn a_page_from_postgres_ends_before_a_message_still_in_the_queue_but_not_a
     );
     let page = history(&stack, 1, alice, chat, &between).await;
     assert_eq!(seqs(&messages(&page)), [3]);
-}
-
-/// The accept script's deadline (gateway/src/queue.rs `ACCEPT_DEADLINE_MS`).
-const ACCEPT_DEADLINE_MS: i64 = 10_000;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-/// Waits until the queue stream holds no entry.
-async fn wait_queue_empty(redis: &mut redis::aio::MultiplexedConnection) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while redis.xlen::<_, u64>(shared::queue::STREAM).await.unwrap() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the queue not empty after {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A new public group of `alice`, titled `title`.

@@ -60,16 +60,6 @@ async fn stored(stack: &Stack, id: Uuid) -> i64 {
         .get(0)
 }
 
-/// `XLEN chat:queue`: jobs not yet stored.
-async fn queue_length(stack: &Stack) -> i64 {
-    let mut redis = stack.redis.connection().await;
-    redis::cmd("XLEN")
-        .arg(STREAM)
-        .query_async(&mut redis)
-        .await
-        .expect("XLEN chat:queue")
-}
-
 /// The id in `chat:queue` of the entry of message `message`, if there is one.
 async fn queue_entry_of(stack: &Stack, message: Uuid) -> Option<String> {
     let entries = stack.stream_entries(STREAM).await;
@@ -202,7 +192,7 @@ async fn an_entry_deleted_while_another_persister_held_it_becomes_a_deleted_dead
     let first = message_id(&alice_ws.send_message_to(bob, "hello").await);
     stack
         .eventually("first message stored and the queue empty", WITHIN, async || {
-            (stored(&stack, first).await == 1 && queue_length(&stack).await == 0).then_some(())
+            (stored(&stack, first).await == 1 && stack.queue_length().await == 0).then_some(())
         })
         .await;
 
@@ -370,7 +360,7 @@ async fn an_entry_another_persister_stored_while_it_waited_for_its_retry_is_not_
     start_persister(&mut stack, "p2", env(&[QUICK_TAKEOVER])).await;
     stack
         .eventually("p2 storing the message and the queue empty", WITHIN, async || {
-            let done = stored(&stack, message).await == 1 && queue_length(&stack).await == 0;
+            let done = stored(&stack, message).await == 1 && stack.queue_length().await == 0;
             (done && pending(&stack).await.is_empty()).then_some(())
         })
         .await;
@@ -453,7 +443,7 @@ async fn a_replay_with_a_malformed_id_moves_nothing_and_says_why() {
     assert_eq!(stdout, "", "nothing was replayed, so nothing is reported");
     let dead: Vec<String> = dead_letters(&stack).await.into_iter().map(|l| l.id).collect();
     assert_eq!(dead, vec![letter.clone()], "the letter is still dead");
-    assert_eq!(queue_length(&stack).await, 0, "nothing went to the queue");
+    assert_eq!(stack.queue_length().await, 0, "nothing went to the queue");
 
     // Corrected, the same call replays it and reports a well-formed id it
     // does not hold.
@@ -465,7 +455,7 @@ async fn a_replay_with_a_malformed_id_moves_nothing_and_says_why() {
     assert!(lines[0].starts_with(&format!("replayed {letter} ")), "{stdout}");
     assert_eq!(lines[1], "missing 0-1");
     assert!(dead_letters(&stack).await.is_empty());
-    assert_eq!(queue_length(&stack).await, 1);
+    assert_eq!(stack.queue_length().await, 1);
 }
 
 /// An entry that cannot be moved to the dead letters (here: not a job, and

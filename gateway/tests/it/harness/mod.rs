@@ -234,6 +234,15 @@ impl Stack {
 
     /// Every entry of the Redis stream `stream`, oldest first: its id and
     /// its fields as name, value, name, value…
+    /// `XLEN chat:queue`: jobs not yet stored.
+    pub async fn queue_length(&self) -> i64 {
+        ::redis::cmd("XLEN")
+            .arg(shared::queue::STREAM)
+            .query_async(&mut self.redis.connection().await)
+            .await
+            .expect("XLEN chat:queue")
+    }
+
     pub async fn stream_entries(&self, stream: &str) -> Vec<(String, Vec<String>)> {
         let mut redis = self.redis.connection().await;
         ::redis::cmd("XRANGE")
@@ -475,6 +484,13 @@ pub fn canonical_uuid(value: &Value, what: &str) -> Uuid {
     let id = Uuid::parse_str(text).unwrap_or_else(|e| panic!("{what} is not a UUID ({e}): {value}"));
     assert_eq!(id.to_string(), text, "{what} is not in canonical lowercase form");
     id
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
 }
 
 pub fn now_secs() -> i64 {
