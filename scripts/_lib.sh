@@ -48,7 +48,8 @@ pg_bindir() {
     return 1
 }
 
-# Installs what is missing of: redis-server, nginx, postgres (server).
+# Installs what is missing of: redis-server, nginx, postgres (server),
+# faketime (libfaketime, which a test preloads to skew a gateway's clock).
 ensure_packages() {
     local want=() item
     for item in "$@"; do
@@ -56,6 +57,7 @@ ensure_packages() {
         redis) command -v redis-server >/dev/null 2>&1 || want+=(redis-server redis-tools) ;;
         nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || want+=(nginx) ;;
         postgres) pg_bindir >/dev/null || want+=(postgresql-15 postgresql-client-15) ;;
+        faketime) compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || want+=(libfaketime) ;;
         esac
     done
     [ "${#want[@]}" = 0 ] || apt_install "${want[@]}"

@@ -20,6 +20,7 @@ use warp::{Filter, Rejection};
 
 use crate::auth::{token_from, Identity};
 use crate::chats::ChatError;
+use crate::clock;
 use crate::history::{Window, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::limits::ConnRefused;
 use crate::ws::upgrade::{Handshake, NotWebSocket};
@@ -228,14 +229,29 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     Ok(error.into_response())
 }
 
+/// Ready: not draining, Redis answers, and this node's clock is close
+/// enough to Redis's for its sends to be accepted (`clock`).
 async fn readyz(svc: Arc<Services>) -> Response {
-    let ready = !svc.shutdown.is_cancelled() && svc.redis.ping().await;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let not_ready = |why: String| {
+        warp::reply::with_status(format!("not ready: {why}"), StatusCode::SERVICE_UNAVAILABLE).into_response()
     };
-    warp::reply::with_status(if ready { "ready" } else { "not ready" }, status).into_response()
+    if svc.shutdown.is_cancelled() {
+        return not_ready("draining".into());
+    }
+    match clock::measure(&svc.redis).await {
+        Err(e) => not_ready(e.to_string()),
+        Ok(offset) if !offset.within_bound() => {
+            let why = format!(
+                "this node's clock is {} ms {} Redis's (allowed: {} ms); sends would be refused; fix its NTP",
+                offset.ms.abs(),
+                if offset.ms > 0 { "behind" } else { "ahead of" },
+                clock::MAX_OFFSET_MS
+            );
+            tracing::warn!(offset_ms = offset.ms, "not ready: {why}");
+            not_ready(why)
+        }
+        Ok(_) => warp::reply::with_status("ready".to_string(), StatusCode::OK).into_response(),
+    }
 }
 
 async fn upgrade(svc: Arc<Services>, who: Identity, origin: Option<String>, handshake: Handshake) -> Response {

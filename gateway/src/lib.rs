@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod bus;
 pub mod chats;
+pub mod clock;
 pub mod config;
 pub mod history;
 pub mod http;

@@ -154,7 +154,7 @@ impl Queue {
         };
         let to_text = to.map(|t| t.to_string()).unwrap_or_default();
         // Acceptance time; the cache entry carries it, encoded here once.
-        let ts = now_ms();
+        let ts = crate::clock::now_ms();
         let entry = CachedMessage {
             v: VERSION,
             id,
@@ -322,13 +322,6 @@ impl RecipientSlot {
         out.extend_from_slice(&entry[at..]);
         out
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn parse_reply(id: MessageId, reply: &[String]) -> Result<Accepted, AcceptError> {

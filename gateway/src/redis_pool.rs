@@ -135,11 +135,6 @@ impl RedisPool {
         });
     }
 
-    /// Answers whether Redis replies to PING within the timeout.
-    pub async fn ping(&self) -> bool {
-        self.query::<String>(&redis::cmd("PING")).await.is_ok()
-    }
-
     /// Awaits `fut`, a call on the connection of `slot`, within the timeout;
     /// a call that timed out has that connection replaced.
     pub(crate) async fn timed<T>(

@@ -95,3 +95,67 @@ async fn sigterm_closes_open_sockets_with_1001_and_the_gateway_exits_cleanly() {
     let status = stack.gateways[0].wait(guard).await;
     assert_eq!(status.code(), Some(0), "the gateway exited with {status}");
 }
+
+/// libfaketime from Debian's `libfaketime` package (scripts/test installs
+/// it), in the machine's multiarch folder: preloaded into a gateway, it
+/// shifts that gateway's wall clock and nothing else on the machine.
+fn libfaketime() -> String {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|lib| lib.exists())
+        .map(|lib| lib.display().to_string())
+        .expect("no /usr/lib/*/faketime/libfaketimeMT.so.1: run scripts/test, or apt-get install libfaketime")
+}
+
+#[tokio::test]
+async fn a_gateway_whose_clock_lags_redis_is_not_ready_says_why_and_shows_the_offset() {
+    let libfaketime = libfaketime();
+    let mut stack = Stack::start(one_gateway(vec![])).await;
+    // A second gateway whose wall clock is 15 s behind (timers keep the
+    // true monotonic clock): more than the accept deadline.
+    let lagging = stack
+        .add_gateway(&[
+            ("LD_PRELOAD", libfaketime.as_str()),
+            ("FAKETIME", "-15s"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ])
+        .await;
+
+    let (status, body) = stack.http(lagging).get_text("/readyz").await;
+    assert_eq!(status, 503, "/readyz of the lagging gateway: {body}");
+    assert!(
+        body.contains("clock") && body.contains("behind"),
+        "/readyz says why: {body}"
+    );
+    let offset = stack.metric(lagging, "gateway_clock_offset_seconds", "").await;
+    assert!(
+        (14.0..16.0).contains(&offset),
+        "gateway_clock_offset_seconds of the lagging gateway: {offset}"
+    );
+
+    // What readiness guards against: its sends cannot be accepted.
+    let (alice, bob) = (harness::user(), harness::user());
+    let mut on_lagging = stack.connect(lagging, alice).await;
+    let reply = on_lagging
+        .request(serde_json::json!({ "type": "send", "to": bob.to_string(), "body": "stamped 15 s late" }))
+        .await;
+    assert_eq!(
+        reply["code"], "unavailable",
+        "a send through the lagging gateway: {reply}"
+    );
+
+    // The gateway with a true clock is ready, its offset near zero, and
+    // takes the same user's message.
+    let (status, body) = stack.http(0).get_text("/readyz").await;
+    assert_eq!(status, 200, "/readyz of the on-time gateway: {body}");
+    let offset = stack.metric(0, "gateway_clock_offset_seconds", "").await;
+    assert!(
+        offset.abs() < 1.0,
+        "gateway_clock_offset_seconds of the on-time gateway: {offset}"
+    );
+    let mut on_time = stack.connect(0, alice).await;
+    on_time.send_message_to(bob, "stamped on time").await;
+}
