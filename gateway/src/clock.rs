@@ -1,25 +1,23 @@
-//! This node's clock against Redis's.
+//! This node's clock, and how far it is from Redis's.
 //!
-//! A send is stamped with the gateway's clock (`ts`), and the accept script
-//! refuses a call that Redis runs more than `ACCEPT_DEADLINE_MS` after that
-//! stamp by Redis's own clock (queue.rs). A gateway whose clock lags Redis's
-//! by the deadline therefore has every send refused, and one that runs ahead
-//! makes history wait that much longer at holes for good (history/holes.rs).
-//! Readiness asks this module: a node whose clock is off Redis's by more
-//! than `MAX_OFFSET_MS` is not ready, so a load balancer sends its users to
-//! a node that can take their messages, and `gateway_clock_offset_seconds`
-//! says by how much.
+//! Every message's `ts` is this node's clock (`now_ms`), and the accept
+//! script refuses a call that Redis runs more than `ACCEPT_DEADLINE_MS`
+//! after that stamp by Redis's own clock (queue.rs). So a gateway whose
+//! clock lags Redis's by more than the deadline has every send refused: it
+//! cannot serve, and readiness says so (`Clock::check`), so a load balancer
+//! sends its users to a node that can take their messages. A clock off by
+//! less, or ahead, still serves (one ahead makes history wait that much
+//! longer at holes for good, history/holes.rs); `gateway_clock_offset_seconds`
+//! shows every offset, for an alert long before the deadline.
 //!
-//! Owns measuring the offset and its bound. It never corrects a clock or a
-//! message's `ts`: the clocks are the operator's (NTP).
+//! Owns reading the local clock for `ts` and measuring the offset. It never
+//! corrects a clock or a message's `ts`: the clocks are the operator's (NTP).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use crate::queue::ACCEPT_DEADLINE_MS;
 use crate::redis_pool::{RedisError, RedisPool};
-
-/// How far this node's clock may be off Redis's and the node stay ready:
-/// half the accept deadline, so a send from a ready node still has at least
-/// half of it for a slow Redis.
-pub const MAX_OFFSET_MS: i64 = ACCEPT_DEADLINE_MS / 2;
 
 /// Redis's clock minus this node's, from one `TIME` read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,36 +29,73 @@ pub struct Offset {
 }
 
 impl Offset {
-    /// The offset of a `TIME` answer (`redis_ms`) read between the local
-    /// clock's `before_ms` and `after_ms`: Redis answered some time in
-    /// between, taken as the middle.
-    pub fn from_read(before_ms: i64, redis_ms: i64, after_ms: i64) -> Offset {
-        let round_trip = (after_ms - before_ms).max(0);
+    /// The offset of a `TIME` answer (`redis_ms`) to a read that began at
+    /// `sent_ms` on this node's clock and took `round_trip_ms` (measured on
+    /// the monotonic clock, which an NTP step does not move): Redis
+    /// answered some time in between, taken as the middle.
+    pub fn from_read(sent_ms: i64, round_trip_ms: i64, redis_ms: i64) -> Offset {
+        let round_trip = round_trip_ms.max(0);
         Offset {
-            ms: redis_ms - (before_ms + round_trip / 2),
-            uncertainty_ms: (round_trip + 1) / 2,
+            ms: redis_ms.saturating_sub(sent_ms.saturating_add(round_trip / 2)),
+            uncertainty_ms: round_trip.saturating_add(1) / 2,
         }
     }
 
-    /// Whether the clocks may be within `MAX_OFFSET_MS` of each other: a
-    /// read too slow to tell does not count against the node.
-    pub fn within_bound(&self) -> bool {
-        self.ms.abs() <= MAX_OFFSET_MS + self.uncertainty_ms
+    /// Whether a send stamped now would certainly reach Redis past the
+    /// accept deadline, even if Redis ran it at once: the node's clock is
+    /// behind Redis's by more than the deadline, whatever the uncertainty.
+    pub fn refuses_sends(&self) -> bool {
+        self.ms.saturating_sub(self.uncertainty_ms) > ACCEPT_DEADLINE_MS
     }
 }
 
-/// Reads Redis's clock and records the offset in
-/// `gateway_clock_offset_seconds`.
-pub async fn measure(redis: &RedisPool) -> Result<Offset, RedisError> {
-    let before = now_ms();
-    let (secs, micros): (i64, i64) = redis.query(&redis::cmd("TIME")).await?;
-    let after = now_ms();
-    let offset = Offset::from_read(before, secs * 1000 + micros / 1000, after);
-    metrics::gauge!("gateway_clock_offset_seconds").set(offset.ms as f64 / 1000.0);
-    Ok(offset)
+/// Measures this node's clock against Redis's for readiness.
+pub struct Clock {
+    redis: RedisPool,
+    /// The last check found the clock refusing sends: log changes, not
+    /// every probe.
+    refusing: AtomicBool,
 }
 
-/// This node's clock, ms since the Unix epoch.
+impl Clock {
+    pub fn new(redis: RedisPool) -> Clock {
+        Clock {
+            redis,
+            refusing: AtomicBool::new(false),
+        }
+    }
+
+    /// Reads Redis's clock (which also says Redis answers), records the
+    /// offset in `gateway_clock_offset_seconds`, and logs when the node
+    /// starts or stops refusing sends for its clock.
+    pub async fn check(&self) -> Result<Offset, RedisError> {
+        let sent_ms = now_ms();
+        let started = Instant::now();
+        let (secs, micros): (i64, i64) = self.redis.query(&redis::cmd("TIME")).await?;
+        let round_trip_ms = started.elapsed().as_millis() as i64;
+        let redis_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let offset = Offset::from_read(sent_ms, round_trip_ms, redis_ms);
+        metrics::gauge!("gateway_clock_offset_seconds").set(offset.ms as f64 / 1000.0);
+
+        let refusing = offset.refuses_sends();
+        if self.refusing.swap(refusing, Ordering::Relaxed) != refusing {
+            if refusing {
+                tracing::error!(
+                    offset_ms = offset.ms,
+                    "this node's clock is behind Redis's by more than the accept deadline: every send is refused; not ready until its NTP is fixed"
+                );
+            } else {
+                tracing::info!(
+                    offset_ms = offset.ms,
+                    "this node's clock is back within the accept deadline; ready"
+                );
+            }
+        }
+        Ok(offset)
+    }
+}
+
+/// This node's clock, ms since the Unix epoch: what a message's `ts` says.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -74,7 +109,7 @@ mod tests {
 
     #[test]
     fn the_offset_is_taken_at_the_middle_of_the_read() {
-        let offset = Offset::from_read(1_000, 16_010, 1_020);
+        let offset = Offset::from_read(1_000, 20, 16_010);
         assert_eq!(
             offset,
             Offset {
@@ -82,42 +117,42 @@ mod tests {
                 uncertainty_ms: 10
             }
         );
-        assert!(!offset.within_bound());
+        assert!(offset.refuses_sends());
     }
 
     #[test]
-    fn a_node_ahead_of_redis_has_a_negative_offset() {
-        let offset = Offset::from_read(20_000, 14_000, 20_000);
-        assert_eq!(offset.ms, -6_000);
-        assert!(!offset.within_bound());
+    fn a_node_behind_by_less_than_the_deadline_still_takes_sends() {
+        assert!(!Offset::from_read(0, 0, ACCEPT_DEADLINE_MS).refuses_sends());
+        assert!(Offset::from_read(0, 0, ACCEPT_DEADLINE_MS + 1).refuses_sends());
     }
 
     #[test]
-    fn clocks_within_the_bound_are_fine_either_way() {
-        assert!(Offset::from_read(0, MAX_OFFSET_MS, 0).within_bound());
-        assert!(Offset::from_read(0, -MAX_OFFSET_MS, 0).within_bound());
-        assert!(!Offset::from_read(0, MAX_OFFSET_MS + 1, 0).within_bound());
+    fn a_node_ahead_of_redis_takes_sends_however_far_ahead() {
+        let offset = Offset::from_read(3_600_000, 0, 0);
+        assert_eq!(offset.ms, -3_600_000);
+        assert!(!offset.refuses_sends());
     }
 
     #[test]
     fn a_slow_read_gives_the_node_the_benefit_of_the_doubt() {
-        // Answered 1 ms after the read began, 6.8 s of round trip: the
-        // clocks may agree.
-        let offset = Offset::from_read(0, 1, 6_800);
-        assert_eq!(offset.ms, -3_399);
-        assert!(Offset::from_read(0, MAX_OFFSET_MS + 3_400, 6_800).within_bound());
-        assert!(!Offset::from_read(0, MAX_OFFSET_MS + 6_801, 6_800).within_bound());
-    }
-
-    #[test]
-    fn a_local_clock_that_stepped_back_during_the_read_counts_no_round_trip() {
-        let offset = Offset::from_read(1_000, 1_000, 900);
+        // Behind by the deadline and a little, by the middle of a 2 s read:
+        // Redis may have answered at its start, and the node be on time.
+        let offset = Offset::from_read(0, 2_000, ACCEPT_DEADLINE_MS + 1_500);
         assert_eq!(
             offset,
             Offset {
-                ms: 0,
-                uncertainty_ms: 0
+                ms: ACCEPT_DEADLINE_MS + 500,
+                uncertainty_ms: 1_000
             }
         );
+        assert!(!offset.refuses_sends());
+        assert!(Offset::from_read(0, 2_000, ACCEPT_DEADLINE_MS + 2_001).refuses_sends());
+    }
+
+    #[test]
+    fn a_bogus_time_saturates_instead_of_overflowing() {
+        let offset = Offset::from_read(i64::MAX, i64::MAX, i64::MIN);
+        assert_eq!(offset.ms, i64::MIN);
+        assert!(!offset.refuses_sends());
     }
 }

@@ -20,7 +20,6 @@ use warp::{Filter, Rejection};
 
 use crate::auth::{token_from, Identity};
 use crate::chats::ChatError;
-use crate::clock;
 use crate::history::{Window, DEFAULT_LIMIT, MAX_LIMIT};
 use crate::limits::ConnRefused;
 use crate::ws::upgrade::{Handshake, NotWebSocket};
@@ -229,8 +228,9 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     Ok(error.into_response())
 }
 
-/// Ready: not draining, Redis answers, and this node's clock is close
-/// enough to Redis's for its sends to be accepted (`clock`).
+/// Ready when the node can serve: not draining, Redis answers, and this
+/// node's clock is not so far behind Redis's that every send is refused
+/// (`clock`).
 async fn readyz(svc: Arc<Services>) -> Response {
     let not_ready = |why: String| {
         warp::reply::with_status(format!("not ready: {why}"), StatusCode::SERVICE_UNAVAILABLE).into_response()
@@ -238,18 +238,14 @@ async fn readyz(svc: Arc<Services>) -> Response {
     if svc.shutdown.is_cancelled() {
         return not_ready("draining".into());
     }
-    match clock::measure(&svc.redis).await {
+    match svc.clock.check().await {
         Err(e) => not_ready(e.to_string()),
-        Ok(offset) if !offset.within_bound() => {
-            let why = format!(
-                "this node's clock is {} ms {} Redis's (allowed: {} ms); sends would be refused; fix its NTP",
-                offset.ms.abs(),
-                if offset.ms > 0 { "behind" } else { "ahead of" },
-                clock::MAX_OFFSET_MS
-            );
-            tracing::warn!(offset_ms = offset.ms, "not ready: {why}");
-            not_ready(why)
-        }
+        Ok(offset) if offset.refuses_sends() => not_ready(format!(
+            "this node's clock is {} ms behind Redis's, more than the {} ms a send may take to reach the queue: \
+             every send is refused; fix its NTP",
+            offset.ms,
+            crate::queue::ACCEPT_DEADLINE_MS
+        )),
         Ok(_) => warp::reply::with_status("ready".to_string(), StatusCode::OK).into_response(),
     }
 }

@@ -44,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::bus::Origin;
 use crate::chats::Chats;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::history::cache::{CacheSettings, RecentCache};
 use crate::history::db::Db;
@@ -65,7 +66,8 @@ pub struct Services {
     pub chats: Chats,
     pub typing: Typing,
     pub history: History,
-    pub redis: RedisPool,
+    /// This node's clock against Redis's, for readiness.
+    pub clock: Clock,
     pub origin: Origin,
     pub metrics: Metrics,
     pub next_conn: AtomicU64,
@@ -157,7 +159,7 @@ impl App {
                 queue,
             ),
             hub,
-            redis,
+            clock: Clock::new(redis),
             origin,
             metrics,
             next_conn: AtomicU64::new(1),

@@ -110,22 +110,30 @@ fn libfaketime() -> String {
         .expect("no /usr/lib/*/faketime/libfaketimeMT.so.1: run scripts/test, or apt-get install libfaketime")
 }
 
-#[tokio::test]
-async fn a_gateway_whose_clock_lags_redis_is_not_ready_says_why_and_shows_the_offset() {
+/// Starts one more gateway of `stack` whose wall clock runs `shift` (a
+/// libfaketime offset such as "-15s") from the machine's; its timers keep
+/// the true monotonic clock.
+async fn add_gateway_with_clock(stack: &mut Stack, shift: &str) -> usize {
     let libfaketime = libfaketime();
-    let mut stack = Stack::start(one_gateway(vec![])).await;
-    // A second gateway whose wall clock is 15 s behind (timers keep the
-    // true monotonic clock): more than the accept deadline.
-    let lagging = stack
+    stack
         .add_gateway(&[
             ("LD_PRELOAD", libfaketime.as_str()),
-            ("FAKETIME", "-15s"),
+            ("FAKETIME", shift),
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
         ])
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn a_gateway_whose_clock_lags_redis_past_the_accept_deadline_is_not_ready_and_says_why() {
+    let mut stack = Stack::start(one_gateway(vec![])).await;
+    // 15 s behind: past the 10 s deadline. 6 s behind: within it.
+    let lagging = add_gateway_with_clock(&mut stack, "-15s").await;
+    let slightly_behind = add_gateway_with_clock(&mut stack, "-6s").await;
+    let (alice, bob) = (harness::user(), harness::user());
 
     let (status, body) = stack.http(lagging).get_text("/readyz").await;
-    assert_eq!(status, 503, "/readyz of the lagging gateway: {body}");
+    assert_eq!(status, 503, "/readyz of the gateway 15 s behind: {body}");
     assert!(
         body.contains("clock") && body.contains("behind"),
         "/readyz says why: {body}"
@@ -133,22 +141,37 @@ async fn a_gateway_whose_clock_lags_redis_is_not_ready_says_why_and_shows_the_of
     let offset = stack.metric(lagging, "gateway_clock_offset_seconds", "").await;
     assert!(
         (14.0..16.0).contains(&offset),
-        "gateway_clock_offset_seconds of the lagging gateway: {offset}"
+        "gateway_clock_offset_seconds of the gateway 15 s behind: {offset}"
     );
-
-    // What readiness guards against: its sends cannot be accepted.
-    let (alice, bob) = (harness::user(), harness::user());
+    // What readiness guards against: the accept deadline refuses its sends.
     let mut on_lagging = stack.connect(lagging, alice).await;
     let reply = on_lagging
         .request(serde_json::json!({ "type": "send", "to": bob.to_string(), "body": "stamped 15 s late" }))
         .await;
     assert_eq!(
         reply["code"], "unavailable",
-        "a send through the lagging gateway: {reply}"
+        "a send through the gateway 15 s behind: {reply}"
+    );
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("after it was sent")),
+        "refused by the accept deadline: {reply}"
     );
 
-    // The gateway with a true clock is ready, its offset near zero, and
-    // takes the same user's message.
+    // Behind by less than the deadline, a gateway still serves: ready,
+    // its offset shown, its sends accepted.
+    let (status, body) = stack.http(slightly_behind).get_text("/readyz").await;
+    assert_eq!(status, 200, "/readyz of the gateway 6 s behind: {body}");
+    let offset = stack.metric(slightly_behind, "gateway_clock_offset_seconds", "").await;
+    assert!(
+        (5.0..7.0).contains(&offset),
+        "gateway_clock_offset_seconds of the gateway 6 s behind: {offset}"
+    );
+    let mut on_slightly_behind = stack.connect(slightly_behind, alice).await;
+    on_slightly_behind.send_message_to(bob, "stamped 6 s late").await;
+
+    // The gateway with a true clock: ready, its offset near zero.
     let (status, body) = stack.http(0).get_text("/readyz").await;
     assert_eq!(status, 200, "/readyz of the on-time gateway: {body}");
     let offset = stack.metric(0, "gateway_clock_offset_seconds", "").await;
