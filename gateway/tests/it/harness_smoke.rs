@@ -89,8 +89,40 @@ async fn a_stack_starts_and_serves_a_message_end_to_end() {
         persister: true,
         redis_aof: false,
         env: vec![],
+        redis_over_unix_socket: false,
     })
     .await;
+    serves_a_message_end_to_end(&stack).await;
+}
+
+/// scripts/up's stack: every process on one machine reaches Redis over its
+/// unix socket.
+#[tokio::test]
+async fn a_stack_whose_processes_reach_redis_over_its_unix_socket_serves_a_message_end_to_end() {
+    let stack = Stack::start(StackOptions {
+        gateways: 2,
+        redis_over_unix_socket: true,
+        ..StackOptions::default()
+    })
+    .await;
+    serves_a_message_end_to_end(&stack).await;
+
+    // Every client of Redis but this test's own TCP connection (which asks)
+    // came over the socket: commands, the bus and the persister's reads.
+    let clients: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut stack.redis.connection().await)
+        .await
+        .expect("CLIENT LIST");
+    let on_tcp: Vec<&str> = clients.lines().filter(|l| l.contains("addr=127.0.0.1:")).collect();
+    let on_socket = clients.lines().filter(|l| l.contains("redis.sock")).count();
+    assert_eq!(on_tcp.len(), 1, "only the test's own connection is on TCP:\n{clients}");
+    assert!(on_socket >= 5, "two gateways and a persister on the socket:\n{clients}");
+}
+
+/// Two users on different gateways: a message is acked, delivered and
+/// stored.
+async fn serves_a_message_end_to_end(stack: &Stack) {
     let (status, _) = stack.http(0).get_text("/healthz").await;
     assert_eq!(status, 200);
 
@@ -119,6 +151,7 @@ async fn processes_stop_on_sigterm_or_sigkill_and_are_replaced() {
         persister: true,
         redis_aof: false,
         env: vec![],
+        redis_over_unix_socket: false,
     })
     .await;
     let user = harness::user();

@@ -83,6 +83,10 @@ pub struct StackOptions {
     /// Extra environment for every gateway and persister process (wins over
     /// the harness's own values).
     pub env: Vec<(String, String)>,
+    /// The gateways and persisters reach Redis over its unix socket, as
+    /// scripts/up's do, instead of TCP (the tests' own connections stay on
+    /// TCP).
+    pub redis_over_unix_socket: bool,
 }
 
 impl Default for StackOptions {
@@ -92,6 +96,7 @@ impl Default for StackOptions {
             persister: true,
             redis_aof: false,
             env: vec![],
+            redis_over_unix_socket: false,
         }
     }
 }
@@ -177,7 +182,7 @@ impl Stack {
     pub fn gateway_env(&self, name: &str) -> Vec<(String, String)> {
         let mut env = vec![
             ("CHAT_JWT_SECRET".to_string(), self.secret.clone()),
-            ("REDIS_URL".to_string(), self.redis.url()),
+            ("REDIS_URL".to_string(), self.process_redis_url()),
             ("DATABASE_URL".to_string(), self.db.url.clone()),
             ("GATEWAY_LISTEN".to_string(), "127.0.0.1:0".to_string()),
             ("GATEWAY_NODE_ID".to_string(), name.to_string()),
@@ -198,10 +203,19 @@ impl Stack {
         env
     }
 
+    /// The `REDIS_URL` the product's processes get.
+    fn process_redis_url(&self) -> String {
+        if self.options.redis_over_unix_socket {
+            self.redis.unix_url()
+        } else {
+            self.redis.url()
+        }
+    }
+
     /// The environment a persister named `name` gets.
     pub fn persister_env(&self, name: &str) -> Vec<(String, String)> {
         let mut env = vec![
-            ("REDIS_URL".to_string(), self.redis.url()),
+            ("REDIS_URL".to_string(), self.process_redis_url()),
             ("DATABASE_URL".to_string(), self.db.url.clone()),
             ("PERSISTER_METRICS_LISTEN".to_string(), "127.0.0.1:0".to_string()),
             ("PERSISTER_CONSUMER".to_string(), name.to_string()),
