@@ -9,6 +9,16 @@ use std::time::Duration;
 
 use shared::config::{self, check, instance_name, or, required, ConfigError, Secret, Source};
 
+/// The longest TTL the accept script may give a key: Redis refuses an
+/// `EXPIRE` whose time overflows, and the script would fail after it has
+/// queued the message.
+const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
+/// The largest seq jump after a Redis restart: seqs are Lua numbers in the
+/// scripts, exact up to 2^53, which this leaves room for about 9,000
+/// restarts.
+const MAX_SEQ_RESTART_GAP: u64 = 1_000_000_000_000;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `GATEWAY_LISTEN`: where HTTP and WebSocket clients connect.
@@ -208,14 +218,14 @@ impl Config {
             idempotency_ttl_secs: check(
                 "CHAT_IDEMPOTENCY_TTL_SECS",
                 or(src, "CHAT_IDEMPOTENCY_TTL_SECS", 86_400u64)?,
-                |n| *n >= 60,
-                "at least 60",
+                |n| (60..=MAX_TTL_SECS).contains(n),
+                "from 60 to 31536000 (a year)",
             )?,
             seq_restart_gap: check(
                 "CHAT_SEQ_RESTART_GAP",
                 or(src, "CHAT_SEQ_RESTART_GAP", 1_000_000u64)?,
-                |n| *n >= 1000,
-                "at least 1000",
+                |n| (1000..=MAX_SEQ_RESTART_GAP).contains(n),
+                "from 1000 to 1000000000000",
             )?,
             typing_interval_ms: check(
                 "CHAT_TYPING_INTERVAL_MS",
@@ -232,8 +242,8 @@ impl Config {
             cache_ttl_secs: check(
                 "CHAT_CACHE_TTL_SECS",
                 or(src, "CHAT_CACHE_TTL_SECS", 3600u64)?,
-                |n| *n >= 1,
-                "at least 1",
+                |n| (1..=MAX_TTL_SECS).contains(n),
+                "from 1 to 31536000 (a year)",
             )?,
             send_rate: rate(src, "GATEWAY_SEND_RATE", 20.0, "GATEWAY_SEND_BURST", 40.0)?,
             join_rate: rate(src, "GATEWAY_JOIN_RATE", 2.0, "GATEWAY_JOIN_BURST", 10.0)?,
@@ -346,6 +356,9 @@ mod tests {
             ("RUST_LOG", "gateway=loud"),
             ("GATEWAY_BUS_HEARTBEAT_MS", "0"),
             ("GATEWAY_BUS_HEARTBEAT_MS", "soon"),
+            ("CHAT_IDEMPOTENCY_TTL_SECS", "99999999999999"),
+            ("CHAT_CACHE_TTL_SECS", "31536001"),
+            ("CHAT_SEQ_RESTART_GAP", "1000000000001"),
         ] {
             let err = Config::from_source(&env(&[("CHAT_JWT_SECRET", "0123456789abcdef"), (name, value)]))
                 .unwrap_err()

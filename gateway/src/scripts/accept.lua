@@ -38,10 +38,9 @@ if prev[1] then
 end
 
 -- Redis turns a Lua number it is given into text with "%.17g" at every
--- call, which costs more than the call's own work for the small commands
--- here: the numbers the hot path passes on go as text, made once (ts as the
--- gateway sent it, seq with string.format), 5 % of the script's Redis time
--- (docs/benchmarks.md).
+-- call, so the numbers the hot path passes on go as text, made once (ts as
+-- the gateway sent it, seq with string.format): 4-8 % of the script's Redis
+-- time (docs/benchmarks.md).
 local ts, ts_text = tonumber(ARGV[10]), ARGV[10]
 local TRIM_EVERY = 16
 
@@ -88,12 +87,11 @@ end
 local run_id = __REDIS_RUN_ID__ -- this Redis run's id, put in at load (run_script.rs)
 local counter = redis.call('HMGET', KEYS[4], 'n', 'rid')
 local seq = tonumber(counter[1]) or 0
-local before = seq
 local jumped = counter[1] and counter[2] ~= run_id
 if jumped then seq = seq + tonumber(ARGV[7]) + 1 else seq = seq + 1 end
 local seq_text = string.format('%d', seq)
 if jumped then
-  redis.call('HSET', KEYS[4], 'n', seq_text, 'rid', run_id, 'p', before, 'j', seq_text)
+  redis.call('HSET', KEYS[4], 'n', seq_text, 'rid', run_id, 'p', counter[1], 'j', seq_text)
 else
   redis.call('HSET', KEYS[4], 'n', seq_text, 'rid', run_id)
 end
@@ -128,7 +126,7 @@ if size > 0 then
   local fresh = cached_rid ~= run_id or redis.call('EXISTS', KEYS[8]) == 0
   if fresh then
     redis.call('DEL', KEYS[8])
-    redis.call('HSET', KEYS[9], 'f', (seq == 1) and 0 or seq, 'rid', run_id)
+    redis.call('HSET', KEYS[9], 'f', (seq == 1) and '0' or seq_text, 'rid', run_id)
   end
   redis.call('ZADD', KEYS[8], seq_text, entry)
   -- Trimmed every TRIM_EVERY-th seq, not on every message: the set holds

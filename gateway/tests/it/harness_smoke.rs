@@ -106,6 +106,15 @@ async fn a_stack_whose_processes_reach_redis_over_its_unix_socket_serves_a_messa
     })
     .await;
     serves_a_message_end_to_end(&stack).await;
+    // The persister took the message from the queue (it deletes an entry
+    // once stored), so it too is connected.
+    stack
+        .eventually(
+            "the persister to empty the queue",
+            Duration::from_secs(10),
+            async || (stack.queue_length().await == 0).then_some(()),
+        )
+        .await;
 
     // Every client of Redis but this test's own TCP connection (which asks)
     // came over the socket: commands, the bus and the persister's reads.
