@@ -96,7 +96,8 @@ free_port() {
 }
 
 # start_redis_server PORT FSYNC DIR PIDFILE LOG [ARG...]: a redis-server on
-# 127.0.0.1:PORT and on the unix socket DIR/redis.sock (redis_url_on), daemonized,
+# 127.0.0.1:PORT and, when DIR is fit for one (socket_dir_ok), on the unix
+# socket DIR/redis.sock (redis_url_on), daemonized,
 # with the project's persistence: AOF fsynced FSYNC (always, everysec, no),
 # no RDB snapshots, AOF rewrites from 1 GiB on (docs/operations.md, "Redis
 # disk"; deploy/k8s/datastores/redis.yaml sets the same). Further ARGs go to

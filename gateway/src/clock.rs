@@ -5,7 +5,8 @@
 //! after that stamp by Redis's own clock (queue.rs). So a gateway whose
 //! clock lags Redis's by more than the deadline has every send refused: it
 //! cannot serve, and readiness says so (`Clock::check`), so a load balancer
-//! sends its users to a node that can take their messages. A clock off by
+//! sends new connections to a node that can take their messages (open
+//! WebSockets stay, and their sends fail until they reconnect). A clock off by
 //! less, or ahead, still serves (one ahead makes history wait that much
 //! longer at holes for good, history/holes.rs); `gateway_clock_offset_seconds`
 //! shows every offset, for an alert long before the deadline.

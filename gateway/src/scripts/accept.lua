@@ -37,8 +37,8 @@ if prev[1] then
   return {'dup', prev[2], prev[3], prev[4], prev[5] or ''}
 end
 
--- Redis turns a Lua number it is given into text with "%.17g" at every
--- call, so the numbers the hot path passes on go as text, made once (ts as
+-- Redis 7.0 (Debian 12's) turns a Lua number it is given into text with
+-- "%.17g" at every call, so the numbers the hot path passes on go as text, made once (ts as
 -- the gateway sent it, seq with string.format): 4-8 % of the script's Redis
 -- time (docs/benchmarks.md).
 local ts, ts_text = tonumber(ARGV[10]), ARGV[10]
