@@ -153,6 +153,11 @@ static ACK_AND_DELETE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock:
 /// Ids per call of `ACK_AND_DELETE`: Lua's `unpack` takes a few thousand.
 const ACK_SCRIPT_IDS: usize = 1000;
 
+/// How long a stopping lane keeps storing what it holds: well inside the
+/// deployment's grace period (60 s), which must also cover the batch in
+/// hand when the signal came.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(20);
+
 /// One persister's consumer. Drive it with `run_once` (tests) or `run`.
 pub struct Worker {
     redis: RedisConns,
@@ -221,17 +226,29 @@ impl Worker {
                 }
             }
         }
-        // A blocking read cancelled by the shutdown may have been served by
-        // Redis at that instant: what this consumer holds now is stored
-        // before it leaves, not left pending until another persister claims it.
-        match self.read("0".into(), None).await {
-            Ok(held) if !held.is_empty() => {
-                if let Err(e) = self.handle(held).await {
-                    tracing::warn!(error = %e, "entries held at shutdown were not stored; they stay pending");
+        // What this consumer still holds is stored before it leaves, not
+        // left pending until another persister claims it: a blocking read
+        // cancelled by the shutdown may have been served by Redis at that
+        // instant, and a lane that failed before the shutdown holds what it
+        // read then and its read-ahead, more than one batch. A batch at a
+        // time, until none is left, PostgreSQL fails, or the deadline passes.
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        let mut after = "0".to_string();
+        while Instant::now() < deadline {
+            match self.read(after.clone(), None).await {
+                Ok(held) => {
+                    let Some(last) = held.last() else { break };
+                    after = last.id.clone();
+                    if let Err(e) = self.handle(held).await {
+                        tracing::warn!(error = %e, "entries held at shutdown were not stored; they stay pending");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read this consumer's pending entries at shutdown");
+                    break;
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read this consumer's pending entries at shutdown"),
         }
         if let Err(e) = self.write_deleted().await {
             let ids: Vec<&str> = self.deleted.iter().map(|l| l.source_id.as_str()).collect();

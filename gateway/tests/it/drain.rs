@@ -469,6 +469,26 @@ async fn the_grace_period_bounds_a_drain_stuck_on_redis_and_a_resend_completes_t
     assert_eq!(queued_message_ids(&stack).await.get(&id), Some(&1));
 }
 
+/// Fills the queue with `n` acked messages (a user to themselves; the
+/// first entry is the private chat's creation), none stored yet; returns
+/// their ids.
+async fn fill_queue(stack: &Stack, n: usize) -> Vec<Uuid> {
+    let user = harness::user();
+    let mut client = stack.connect(0, user).await;
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        client
+            .send_json(send_event(user, *id, &format!("queued {i}"), &i.to_string()))
+            .await;
+    }
+    for _ in 0..n {
+        let reply = client.next_event(DEFAULT_TIMEOUT).await;
+        assert_eq!(reply["type"], "ack", "filling the queue: {reply}");
+    }
+    assert_eq!(queued_message_ids(stack).await.len(), n);
+    ids
+}
+
 #[tokio::test]
 async fn a_persister_stopped_mid_batch_stores_and_acks_its_batch_then_exits_0() {
     const MESSAGES: usize = 600;
@@ -480,20 +500,7 @@ async fn a_persister_stopped_mid_batch_stores_and_acks_its_batch_then_exits_0() 
     })
     .await;
 
-    // Fill the queue: MESSAGES acked sends, none stored yet.
-    let user = harness::user();
-    let mut client = stack.connect(0, user).await;
-    let ids: Vec<Uuid> = (0..MESSAGES).map(|_| Uuid::new_v4()).collect();
-    for (i, id) in ids.iter().enumerate() {
-        client
-            .send_json(send_event(user, *id, &format!("queued {i}"), &i.to_string()))
-            .await;
-    }
-    for _ in 0..MESSAGES {
-        let reply = client.next_event(DEFAULT_TIMEOUT).await;
-        assert_eq!(reply["type"], "ack", "filling the queue: {reply}");
-    }
-    assert_eq!(queued_message_ids(&stack).await.len(), MESSAGES);
+    let ids = fill_queue(&stack, MESSAGES).await;
 
     // A lock on `messages` holds the persister's first batch in PostgreSQL.
     let pg = stack.db().await;
@@ -595,4 +602,97 @@ async fn a_persister_stopped_mid_batch_stores_and_acks_its_batch_then_exits_0() 
     }
     let status = p2.terminate(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "p2 exited with {status}");
+}
+
+/// A lane whose write failed before SIGTERM holds more than one batch: the
+/// one it was writing and the one it had read ahead. It stores all of it
+/// before it exits, not just one batch.
+#[tokio::test]
+async fn a_persister_whose_writes_failed_before_sigterm_stores_all_its_lane_holds_then_exits_0() {
+    const BATCH: usize = 20;
+    const MESSAGES: usize = 3 * BATCH;
+    let stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
+    let ids = fill_queue(&stack, MESSAGES).await;
+
+    // A lock on `messages`, and a 200 ms lock_timeout on the persister's
+    // sessions: each write of its batch fails, and its one lane, which read
+    // a full batch and then the next one ahead, retries with a backoff
+    // doubling from 100 ms to 5 s, holding both.
+    let pg = stack.db().await;
+    pg.batch_execute("BEGIN; LOCK TABLE messages IN SHARE MODE")
+        .await
+        .expect("locking messages");
+    let mut penv = stack.persister_env("p1");
+    penv.extend([
+        ("PERSISTER_BATCH_SIZE".to_string(), BATCH.to_string()),
+        ("PERSISTER_CONCURRENCY".to_string(), "1".to_string()),
+        (
+            "DATABASE_URL".to_string(),
+            format!("{}?options=-c%20lock_timeout%3D200", stack.db_url()),
+        ),
+    ]);
+    let mut persister = Persister::start("p1", penv).await;
+    let longest_waits = |p: &Persister| p.logs().matches("retry_in_ms=5000").count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while longest_waits(&persister) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "p1 did not back off to 5 s within 30 s:\n{}",
+            persister.logs_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = pending_of(&stack, "p1").await;
+    assert_eq!(held, 2 * BATCH, "p1's lane holds its batch and the one read ahead");
+
+    // Right after the next failure, the lane sleeps 5 s: release the lock
+    // and stop it then, so its retries store nothing before SIGTERM.
+    let seen = longest_waits(&persister);
+    while longest_waits(&persister) == seen {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "p1 did not fail again:\n{}",
+            persister.logs_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pg.batch_execute("COMMIT").await.expect("releasing the lock");
+    persister.signal(libc::SIGTERM);
+
+    let status = persister.wait(Duration::from_secs(15)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "p1 exited with {status}:\n{}",
+        persister.logs_tail(30)
+    );
+    let left = pending_of(&stack, "p1").await;
+    assert_eq!(
+        left,
+        0,
+        "p1 exited with {left} of the {held} entries it held not stored:\n{}",
+        persister.logs_tail(30)
+    );
+    // What it held is stored (less the chat's creation entry); the third
+    // batch, never read, is still queued.
+    let rows = pg
+        .query("SELECT id FROM messages", &[])
+        .await
+        .expect("reading messages");
+    let stored: HashSet<Uuid> = rows.iter().map(|r| r.get::<_, Uuid>(0)).collect();
+    assert_eq!(stored.len(), held - 1, "messages stored of the {held} entries held");
+    let queued = queued_message_ids(&stack).await;
+    for id in &ids {
+        assert!(
+            stored.contains(id) != queued.contains_key(id),
+            "message {id}: stored {}, still queued {}",
+            stored.contains(id),
+            queued.contains_key(id)
+        );
+    }
 }
