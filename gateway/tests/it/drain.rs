@@ -539,46 +539,13 @@ async fn a_persister_stopped_mid_batch_stores_and_acks_its_batch_then_exits_0() 
     );
     pg.batch_execute("COMMIT").await.expect("releasing the lock");
 
-    let status = persister.wait(Duration::from_secs(15)).await;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "p1 exited with {status}:\n{}",
-        persister.logs_tail(30)
-    );
-    let left = pending_of(&stack, "p1").await;
-    assert_eq!(
-        left,
-        0,
-        "p1 exited with {left} entries read and not acknowledged (it held {held} at SIGTERM):\n{}",
-        persister.logs_tail(30)
-    );
-
-    let rows = pg
-        .query("SELECT id FROM messages", &[])
-        .await
-        .expect("reading messages");
-    let stored: HashSet<Uuid> = rows.iter().map(|r| r.get::<_, Uuid>(0)).collect();
-    let queued = queued_message_ids(&stack).await;
-    eprintln!(
-        "p1 held {held} entries at SIGTERM; stored {} messages; {} still queued",
-        stored.len(),
-        queued.len()
-    );
+    let stored = exits_0_having_stored_all_it_held(&stack, &mut persister, held, &ids).await;
     // Its batch (the first entry is the private chat's creation, not a message).
     assert!(
         stored.len() >= held - 1,
         "p1 held {held} entries but stored {} messages",
         stored.len()
     );
-    for id in &ids {
-        assert!(
-            stored.contains(id) != queued.contains_key(id),
-            "message {id}: stored {}, still queued {}",
-            stored.contains(id),
-            queued.contains_key(id)
-        );
-    }
 
     // The next persister stores the rest, each message once.
     let mut p2 = Persister::start("p2", stack.persister_env("p2")).await;
@@ -664,6 +631,22 @@ async fn a_persister_whose_writes_failed_before_sigterm_stores_all_its_lane_hold
     pg.batch_execute("COMMIT").await.expect("releasing the lock");
     persister.signal(libc::SIGTERM);
 
+    // What it held is stored (less the chat's creation entry); the third
+    // batch, never read, is still queued.
+    let stored = exits_0_having_stored_all_it_held(&stack, &mut persister, held, &ids).await;
+    assert_eq!(stored.len(), held - 1, "messages stored of the {held} entries held");
+}
+
+/// After SIGTERM to `persister` (named p1), which held `held` entries:
+/// it exits 0 with none of them pending, and each message of `ids` is
+/// either stored or still queued, not both and not neither. Returns the
+/// ids stored.
+async fn exits_0_having_stored_all_it_held(
+    stack: &Stack,
+    persister: &mut Persister,
+    held: usize,
+    ids: &[Uuid],
+) -> HashSet<Uuid> {
     let status = persister.wait(Duration::from_secs(15)).await;
     assert_eq!(
         status.code(),
@@ -671,23 +654,27 @@ async fn a_persister_whose_writes_failed_before_sigterm_stores_all_its_lane_hold
         "p1 exited with {status}:\n{}",
         persister.logs_tail(30)
     );
-    let left = pending_of(&stack, "p1").await;
+    let left = pending_of(stack, "p1").await;
     assert_eq!(
         left,
         0,
-        "p1 exited with {left} of the {held} entries it held not stored:\n{}",
+        "p1 exited with {left} of the {held} entries it held at SIGTERM read and not acknowledged:\n{}",
         persister.logs_tail(30)
     );
-    // What it held is stored (less the chat's creation entry); the third
-    // batch, never read, is still queued.
-    let rows = pg
+    let rows = stack
+        .db()
+        .await
         .query("SELECT id FROM messages", &[])
         .await
         .expect("reading messages");
     let stored: HashSet<Uuid> = rows.iter().map(|r| r.get::<_, Uuid>(0)).collect();
-    assert_eq!(stored.len(), held - 1, "messages stored of the {held} entries held");
-    let queued = queued_message_ids(&stack).await;
-    for id in &ids {
+    let queued = queued_message_ids(stack).await;
+    eprintln!(
+        "p1 held {held} entries at SIGTERM; stored {} messages; {} still queued",
+        stored.len(),
+        queued.len()
+    );
+    for id in ids {
         assert!(
             stored.contains(id) != queued.contains_key(id),
             "message {id}: stored {}, still queued {}",
@@ -695,4 +682,5 @@ async fn a_persister_whose_writes_failed_before_sigterm_stores_all_its_lane_hold
             queued.contains_key(id)
         );
     }
+    stored
 }
