@@ -233,19 +233,13 @@ impl Worker {
         // read then and its read-ahead, more than one batch. A batch at a
         // time, until none is left, PostgreSQL fails, or the deadline passes.
         let deadline = Instant::now() + SHUTDOWN_DRAIN;
-        let mut after = "0".to_string();
+        self.phase = Phase::OwnPending { after: "0-0".into() };
         while Instant::now() < deadline {
-            match self.read(after.clone(), None).await {
-                Ok(held) => {
-                    let Some(last) = held.last() else { break };
-                    after = last.id.clone();
-                    if let Err(e) = self.handle(held).await {
-                        tracing::warn!(error = %e, "entries held at shutdown were not stored; they stay pending");
-                        break;
-                    }
-                }
+            match self.next_own_pending().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not read this consumer's pending entries at shutdown");
+                    tracing::warn!(error = %e, "entries held at shutdown were not all stored; the rest stay pending");
                     break;
                 }
             }
@@ -283,21 +277,31 @@ impl Worker {
         result
     }
 
+    /// In the `OwnPending` phase, handles the next batch of this consumer's
+    /// own pending entries (read after the phase's cursor, which moves past
+    /// them) and returns how many it handled; `None`, and the `New` phase,
+    /// once none are left (or in another phase).
+    async fn next_own_pending(&mut self) -> Result<Option<usize>, WorkerError> {
+        let Phase::OwnPending { after } = &self.phase else {
+            return Ok(None);
+        };
+        let entries = self.read(after.clone(), None).await?;
+        let Some(last) = entries.last() else {
+            self.phase = Phase::New;
+            return Ok(None);
+        };
+        self.phase = Phase::OwnPending { after: last.id.clone() };
+        self.handle(entries).await.map(Some)
+    }
+
     async fn step(&mut self) -> Result<usize, WorkerError> {
         if !self.group_ready {
             self.create_group().await?;
             self.group_ready = true;
         }
         self.try_write_deleted().await;
-        if let Phase::OwnPending { after } = &self.phase {
-            let entries = self.read(after.clone(), None).await?;
-            match entries.last() {
-                Some(last) => {
-                    self.phase = Phase::OwnPending { after: last.id.clone() };
-                    return self.handle(entries).await;
-                }
-                None => self.phase = Phase::New,
-            }
+        if let Some(handled) = self.next_own_pending().await? {
+            return Ok(handled);
         }
         let due = self.retries.take_due(Instant::now(), self.settings.batch_size);
         if !due.is_empty() {

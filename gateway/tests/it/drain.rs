@@ -469,10 +469,16 @@ async fn the_grace_period_bounds_a_drain_stuck_on_redis_and_a_resend_completes_t
     assert_eq!(queued_message_ids(&stack).await.get(&id), Some(&1));
 }
 
-/// Fills the queue with `n` acked messages (a user to themselves; the
-/// first entry is the private chat's creation), none stored yet; returns
-/// their ids.
-async fn fill_queue(stack: &Stack, n: usize) -> Vec<Uuid> {
+/// A gateway and no persister, its queue filled with `n` acked messages (a
+/// user to themselves; the first entry is the private chat's creation),
+/// none stored yet; returns their ids.
+async fn stack_with_queue(n: usize) -> (Stack, Vec<Uuid>) {
+    let stack = Stack::start(StackOptions {
+        gateways: 1,
+        persister: false,
+        ..StackOptions::default()
+    })
+    .await;
     let user = harness::user();
     let mut client = stack.connect(0, user).await;
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
@@ -485,28 +491,27 @@ async fn fill_queue(stack: &Stack, n: usize) -> Vec<Uuid> {
         let reply = client.next_event(DEFAULT_TIMEOUT).await;
         assert_eq!(reply["type"], "ack", "filling the queue: {reply}");
     }
-    assert_eq!(queued_message_ids(stack).await.len(), n);
-    ids
+    assert_eq!(queued_message_ids(&stack).await.len(), n);
+    (stack, ids)
+}
+
+/// Locks `messages` against writes in a transaction of the returned
+/// connection, until it runs `COMMIT`.
+async fn lock_messages(stack: &Stack) -> tokio_postgres::Client {
+    let pg = stack.db().await;
+    pg.batch_execute("BEGIN; LOCK TABLE messages IN SHARE MODE")
+        .await
+        .expect("locking messages");
+    pg
 }
 
 #[tokio::test]
 async fn a_persister_stopped_mid_batch_stores_and_acks_its_batch_then_exits_0() {
     const MESSAGES: usize = 600;
     const BATCH: usize = 100;
-    let stack = Stack::start(StackOptions {
-        gateways: 1,
-        persister: false,
-        ..StackOptions::default()
-    })
-    .await;
-
-    let ids = fill_queue(&stack, MESSAGES).await;
-
-    // A lock on `messages` holds the persister's first batch in PostgreSQL.
-    let pg = stack.db().await;
-    pg.batch_execute("BEGIN; LOCK TABLE messages IN SHARE MODE")
-        .await
-        .expect("locking messages");
+    let (stack, ids) = stack_with_queue(MESSAGES).await;
+    // The lock holds the persister's first batch in PostgreSQL.
+    let pg = lock_messages(&stack).await;
     let mut penv = stack.persister_env("p1");
     penv.push(("PERSISTER_BATCH_SIZE".into(), BATCH.to_string()));
     let mut persister = Persister::start("p1", penv).await;
@@ -578,22 +583,12 @@ async fn a_persister_stopped_mid_batch_stores_and_acks_its_batch_then_exits_0() 
 async fn a_persister_whose_writes_failed_before_sigterm_stores_all_its_lane_holds_then_exits_0() {
     const BATCH: usize = 20;
     const MESSAGES: usize = 3 * BATCH;
-    let stack = Stack::start(StackOptions {
-        gateways: 1,
-        persister: false,
-        ..StackOptions::default()
-    })
-    .await;
-    let ids = fill_queue(&stack, MESSAGES).await;
-
-    // A lock on `messages`, and a 200 ms lock_timeout on the persister's
-    // sessions: each write of its batch fails, and its one lane, which read
-    // a full batch and then the next one ahead, retries with a backoff
-    // doubling from 100 ms to 5 s, holding both.
-    let pg = stack.db().await;
-    pg.batch_execute("BEGIN; LOCK TABLE messages IN SHARE MODE")
-        .await
-        .expect("locking messages");
+    let (stack, ids) = stack_with_queue(MESSAGES).await;
+    // The lock, and a 200 ms lock_timeout on the persister's sessions: each
+    // write of its batch fails, and its one lane, which read a full batch
+    // and then the next one ahead, retries with a backoff doubling from
+    // 100 ms to 5 s, holding both.
+    let pg = lock_messages(&stack).await;
     let mut penv = stack.persister_env("p1");
     penv.extend([
         ("PERSISTER_BATCH_SIZE".to_string(), BATCH.to_string()),
